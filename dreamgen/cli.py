@@ -1,0 +1,275 @@
+"""The `dreamgen` command line: a thin layer over the library.
+
+Every error a user can cause ends in one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dreamgen.cards import CardError, CardSet, lint
+from dreamgen.config import Config, ConfigError, load_config
+from dreamgen.engines import EngineError
+from dreamgen.pipeline import Run, Summary
+from dreamgen.store import StoreError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+cards_app = typer.Typer(no_args_is_help=True, help="List, show and lint seed cards.")
+app.add_typer(cards_app, name="cards")
+console = Console(stderr=True)
+out = Console()
+
+USER_ERRORS = (ConfigError, CardError, StoreError, EngineError)
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Console entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except USER_ERRORS as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+def summary_table(summary: dict[str, Any], title: str = "build summary") -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key in ("total", "target", "resumed", "accepted", "requests", "yield"):
+        table.add_row(key, str(summary[key]))
+    for reason, n in summary["rejected"].items():
+        table.add_row(f"rejected: {reason}", str(n))
+    for key in (
+        "prompt_tokens",
+        "completion_tokens",
+        "accepted_tokens",
+        "completion_tokens_per_s",
+        "accepted_tokens_per_s",
+        "accepted_per_s",
+        "elapsed_s",
+        "stopped_by",
+    ):
+        table.add_row(key, str(summary[key]))
+    return table
+
+
+def coverage_table(coverage: list[dict[str, Any]]) -> Table:
+    table = Table(title="coverage (filled / quota)")
+    for col in ("cue_kind", "distractor_kind", "difficulty", "filled", "quota"):
+        table.add_column(col, justify="right" if col in ("difficulty", "filled", "quota") else "left")
+    for row in coverage:
+        table.add_row(*(str(row[c]) for c in ("cue_kind", "distractor_kind", "difficulty", "filled", "quota")))
+    return table
+
+
+def install_signals(loop: asyncio.AbstractEventLoop, on_first: Callable[[], None]) -> None:
+    """First SIGINT/SIGTERM: graceful stop. Second: stop at once (what is durable stays)."""
+    hits = {"n": 0}
+
+    def handler() -> None:
+        hits["n"] += 1
+        if hits["n"] == 1:
+            console.print("stopping: finishing in-flight requests (signal again to stop now)")
+            on_first()
+        else:
+            raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handler)
+
+
+@app.command()
+def build(
+    count: Annotated[int | None, typer.Option(help="target number of records in OUT")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="output folder")] = None,
+    seed: Annotated[int | None, typer.Option(help="planner seed")] = None,
+    server: Annotated[list[str] | None, typer.Option(help="OpenAI-compatible server URL")] = None,
+    model: Annotated[str | None, typer.Option(help="served model name")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="requests in flight")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
+    evolve: Annotated[float | None, typer.Option(help="share of requests that evolve")] = None,
+    undirected: Annotated[float | None, typer.Option(help="share of undirected requests")] = None,
+    difficulty: Annotated[str | None, typer.Option(help="range like 1-3")] = None,
+    schedule: Annotated[str | None, typer.Option(help="uniform | broad_to_subtle")] = None,
+    force: Annotated[bool, typer.Option(help="continue an OUT built with another config")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Build a dataset (resumable: COUNT is a target for the whole OUT)."""
+    lo, hi = _difficulty(difficulty)
+    cfg = load_config(
+        config,
+        count=count,
+        out=out_dir,
+        servers=server or None,
+        model=model,
+        concurrency=concurrency,
+        engine="openai" if server else None,
+        **{
+            "plan.seed": seed,
+            "plan.evolve_share": evolve,
+            "plan.undirected_share": undirected,
+            "plan.difficulty_min": lo,
+            "plan.difficulty_max": hi,
+            "plan.schedule": schedule,
+        },
+    )
+    summary = run_with_progress(cfg, force=force, quiet=quiet)
+    data = summary.as_dict()
+    out.print(summary_table(data))
+    out.print(f"output: {cfg.out}")
+    if summary.stopped_by == "signal":
+        raise typer.Exit(130)
+
+
+def _difficulty(value: str | None) -> tuple[int | None, int | None]:
+    if not value:
+        return None, None
+    lo, _, hi = value.partition("-")
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError:
+        fail(f"--difficulty must look like 2 or 1-3, not {value!r}")
+        raise
+
+
+def run_with_progress(cfg: Config, *, force: bool = False, quiet: bool = False) -> Summary:
+    """Run the pipeline with a live progress bar and graceful signal handling."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    )
+    run = Run(cfg, force=force)
+    task = progress.add_task("accepted", total=cfg.count, completed=run.summary.total, info="")
+    last = [0.0]
+
+    def on_progress(s: Summary) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.25:
+            return
+        last[0] = now
+        rej = sum(s.rejected.values())
+        tps = s.completion_tokens / max(s.elapsed_s, 1e-9)
+        progress.update(
+            task,
+            completed=s.total,
+            info=f"rejected {rej} · {tps:.0f} tok/s · in flight {run.inflight}/{run.limit}",
+        )
+
+    run.on_progress = on_progress
+
+    async def main_async() -> Summary:
+        install_signals(asyncio.get_running_loop(), lambda: run.stop("signal"))
+        return await run.run()
+
+    with progress:
+        try:
+            summary = asyncio.run(main_async())
+        except KeyboardInterrupt:
+            # Second signal: asyncio.run cancelled the run; its finally blocks flushed
+            # and closed the store, so every record reported is on disk.
+            console.print(f"interrupted: {run.store.count} records kept in {cfg.out}")
+            raise typer.Exit(130) from None
+    return summary
+
+
+@app.command("validate")
+def validate_cmd(path: Path) -> None:
+    """Check a JSONL file or an output folder: schema, exact offsets, ids, manifest."""
+    from dreamgen.audit import audit
+
+    valid, problems = audit(path)
+    for p in problems[:200]:
+        out.print(p, highlight=False)
+    if len(problems) > 200:
+        out.print(f"... and {len(problems) - 200} more")
+    out.print(f"{valid} valid records, {len(problems)} problems")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def schema(check: Annotated[bool, typer.Option(help="fail if files drift")] = False) -> None:
+    """Write schemas/*.schema.json from the pydantic models."""
+    from dreamgen import schema_files
+
+    if check:
+        drifted = schema_files.drift()
+        if drifted:
+            fail(f"schemas drifted from the models: {', '.join(drifted)} (run: dreamgen schema)", 1)
+        out.print("schemas up to date")
+        return
+    for path in schema_files.write():
+        out.print(f"wrote {path}")
+
+
+@app.command()
+def coverage(path: Path) -> None:
+    """Print the coverage table (filled vs quota per cell) of an output folder."""
+    import orjson
+
+    manifest = path / "manifest.json"
+    if not manifest.exists():
+        fail(f"{path} has no manifest.json (not a dreamgen output folder?)")
+    data = orjson.loads(manifest.read_bytes())
+    out.print(coverage_table(data.get("coverage", [])))
+
+
+@cards_app.command("list")
+def cards_list(prompts: Annotated[Path | None, typer.Option()] = None) -> None:
+    """List the seed cards."""
+    cs = CardSet.load(prompts or Config().prompts)
+    table = Table("id", "title", "domains", "cues", "distractors")
+    for c in cs.cards:
+        table.add_row(c.id, c.title, ", ".join(c.domains), ", ".join(c.cue_kinds), ", ".join(c.distractor_kinds))
+    out.print(table)
+
+
+@cards_app.command("show")
+def cards_show(card_id: str, prompts: Annotated[Path | None, typer.Option()] = None) -> None:
+    """Show one card as YAML."""
+    import yaml
+
+    cs = CardSet.load(prompts or Config().prompts)
+    if card_id not in cs.by_id:
+        fail(f"no card {card_id!r}; cards: {', '.join(cs.by_id)}")
+    out.print(yaml.safe_dump(cs.by_id[card_id].model_dump(mode="json"), sort_keys=False), highlight=False)
+
+
+@cards_app.command("check")
+def cards_check(prompts: Annotated[Path | None, typer.Option()] = None) -> None:
+    """Lint every card and template; one line per problem, non-zero exit if any."""
+    root = prompts or Config().prompts
+    problems = lint(root)
+    for p in problems:
+        out.print(p, highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+    out.print(f"{len(CardSet.load(root).cards)} cards OK")
+
+
+if __name__ == "__main__":
+    main()

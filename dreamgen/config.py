@@ -1,0 +1,154 @@
+"""One configuration object for the CLI, the daemon and library callers (TOML on disk)."""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dreamgen.cards import PROMPTS_DIR
+from dreamgen.engines import EMBEDDED_MODEL
+from dreamgen.planner import PlanConfig
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says which field and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingConfig(_Section):
+    """Sampling parameters sent with every request."""
+
+    temperature: float = Field(0.3, description="low by default: the small model rambles hot")
+    top_p: float = 0.95
+    max_tokens: int = Field(1200, description="answers that hit this are rejected as truncated")
+    seed: int | None = Field(None, description="per-request seed base (vLLM honours it)")
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = Field(
+        1.1, description="vLLM's name; sent as repeat_penalty too for llama.cpp"
+    )
+
+    def body(self, request_index: int) -> dict[str, Any]:
+        """The sampling fields of one request's body (vLLM extensions included when set)."""
+        out: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+        }
+        if self.seed is not None:
+            out["seed"] = self.seed + request_index
+        if self.top_k is not None:
+            out["top_k"] = self.top_k
+        if self.min_p is not None:
+            out["min_p"] = self.min_p
+        if self.repetition_penalty is not None:
+            out["repetition_penalty"] = self.repetition_penalty
+            out["repeat_penalty"] = self.repetition_penalty
+        return out
+
+
+class StoreConfig(_Section):
+    """How the output is sharded and flushed."""
+
+    shard_records: Annotated[int, Field(ge=1)] = 1000
+    shard_age_s: Annotated[float, Field(gt=0)] = 600.0
+    flush_records: Annotated[int, Field(ge=1)] = 32
+    flush_interval_s: Annotated[float, Field(gt=0)] = 0.2
+
+
+class DedupConfig(_Section):
+    """Exact and near-duplicate removal."""
+
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.8
+    num_perm: Annotated[int, Field(ge=16, le=512)] = 128
+    index: Path | None = Field(None, description="shared dedup folder; default OUT/dedup")
+    decontaminate: Path | None = Field(None, description="held-out JSONL: drop records near it")
+
+
+class Config(_Section):
+    """Everything a build, a daemon or a library call needs."""
+
+    out: Path = Path("output/run")
+    count: Annotated[int, Field(ge=1)] | None = Field(50, description="target for the whole OUT")
+    engine: Literal["embedded", "openai", "vllm-offline"] = "embedded"
+    servers: list[str] = Field([], description="OpenAI-compatible base URLs (replicas)")
+    model: str | None = Field(None, description="served model name; embedded: SmolLM2")
+    api_key_env: str = Field("DREAMGEN_API_KEY", description="env var holding the API key")
+    concurrency: Annotated[int, Field(ge=1)] = 256
+    adaptive: bool = Field(False, description="adapt concurrency to vLLM's /metrics")
+    embedded_parallel: Annotated[int, Field(ge=1)] = 4
+    request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    max_attempts: Annotated[int, Field(ge=1)] = 6
+    prompts: Path = PROMPTS_DIR
+    sampling: SamplingConfig = SamplingConfig()
+    plan: PlanConfig = PlanConfig()
+    store: StoreConfig = StoreConfig()
+    dedup: DedupConfig = DedupConfig()
+    splits: dict[Literal["train", "eval", "probe"], float] = {
+        "train": 0.9,
+        "eval": 0.05,
+        "probe": 0.05,
+    }
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.engine == "openai" and not self.servers:
+            raise ValueError("engine 'openai' needs at least one server URL (--server)")
+        if self.engine == "openai" and not self.model:
+            raise ValueError("engine 'openai' needs the served model name (--model)")
+        if abs(sum(self.splits.values()) - 1.0) > 1e-6:
+            raise ValueError("split ratios must sum to 1")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.model or EMBEDDED_MODEL
+
+    def data_config(self) -> dict[str, Any]:
+        """The fields that shape the data: a different value here means a different dataset."""
+        keep = self.model_dump(
+            mode="json",
+            include={"engine", "model", "sampling", "plan", "splits"},
+        )
+        keep["dedup"] = {"threshold": self.dedup.threshold, "num_perm": self.dedup.num_perm}
+        keep["model"] = self.model_name
+        return keep
+
+    def fingerprint(self, cards_fingerprint: str) -> str:
+        payload = orjson.dumps({**self.data_config(), "cards": cards_fingerprint}, option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> Config:
+    """Read a TOML config (or defaults), apply non-None ``overrides``, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, field = key.partition(".")
+        if field:
+            data.setdefault(section, {})[field] = value
+        else:
+            data[key] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{loc}: {err['msg'].removeprefix('Value error, ')}") from exc
