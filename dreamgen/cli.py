@@ -159,7 +159,7 @@ def run_with_progress(cfg: Config, *, force: bool = False, quiet: bool = False) 
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         console=console,
-        disable=quiet,
+        disable=quiet or not console.is_terminal,
         transient=False,
     )
     run = Run(cfg, force=force)

@@ -145,11 +145,13 @@ class Run:
         *,
         on_record: Callable[[Record], Any] | None = None,
         on_progress: Callable[[Summary], Any] | None = None,
+        hold: Callable[[], bool] | None = None,
         force: bool = False,
     ) -> None:
         self.config = config
         self.on_record = on_record
         self.on_progress = on_progress
+        self.hold = hold  # backpressure: while it returns True, no new requests are issued
         self.cards = CardSet.load(config.prompts)
         self.store = Store(
             config.out,
@@ -213,6 +215,8 @@ class Run:
                 slots = asyncio.Semaphore(limit)
                 while not (self.reached or self.stop_event.is_set() or self.fatal):
                     await slots.acquire()
+                    while self.hold is not None and self.hold() and not self.stop_event.is_set():
+                        await asyncio.sleep(0.05)
                     if self.reached or self.stop_event.is_set() or self.fatal:
                         slots.release()
                         break

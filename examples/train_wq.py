@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
         print(f"step {step + 1}/{args.steps} loss {losses[-1]:.4f}", flush=True)
     model.eval()
 

@@ -1,0 +1,120 @@
+"""examples/train_wq.py as a real subprocess: a few steps on SmolLM2 change q_proj only."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from dreamgen.record import Record  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_wq.py"
+
+
+def make_record(rid: str, direction: str, cue: str, split: str) -> Record:
+    """A two-turn scenario with one cue in the decision turn."""
+    start = direction.index(cue)
+    idea = "We could also port this to Go for speed."
+    d0 = idea.index("port this to Go")
+    return Record.model_validate(
+        {
+            "id": rid,
+            "messages": [
+                {"role": "assistant", "content": idea},
+                {"role": "user", "content": direction},
+            ],
+            "target": {"role": "assistant", "content": "Understood, only that change."},
+            "contrast": {"role": "assistant", "content": "Porting it to Go first."},
+            "cues": [
+                {"message": 1, "start": start, "end": start + len(cue), "kind": "k", "text": cue}
+            ],
+            "distractors": [
+                {"message": 0, "start": d0, "end": d0 + 15, "kind": "k", "text": "port this to Go"}
+            ],
+            "axes": {
+                "cue_kind": "scope_limit",
+                "distractor_kind": "better_tool",
+                "domain": "operations",
+                "emotion": "tired",
+                "momentum": "winding_down",
+            },
+            "difficulty": 1,
+            "split": split,
+            "group_id": rid,
+            "provenance": {
+                "card": "c",
+                "prompt_hash": "h",
+                "model": "m",
+                "engine": "e",
+                "dreamgen_version": "0",
+                "created_at": 0.0,
+            },
+        }
+    )
+
+
+def write_data(path: Path) -> Path:
+    records = [
+        make_record(
+            "t1", "No Go. Only bump the timeout to 30 s.", "Only bump the timeout", "train"
+        ),
+        make_record("t2", "Stay in Python and just add the retry.", "Stay in Python", "train"),
+        make_record(
+            "t3", "Keep the script; fix the log path only.", "fix the log path only", "train"
+        ),
+        make_record(
+            "p1", "Not now. Just rename the flag, nothing else.", "Just rename the flag", "probe"
+        ),
+        make_record(
+            "p2", "Leave the language alone and fix the typo.", "Leave the language alone", "probe"
+        ),
+    ]
+    path.write_bytes(b"".join(orjson.dumps(r.model_dump(mode="json")) + b"\n" for r in records))
+    return path
+
+
+def run_script(tmp_path: Path, *extra: str) -> dict:
+    data = write_data(tmp_path / "data.jsonl")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    cmd = [
+        sys.executable, str(SCRIPT), str(data), "--out", str(out), "--steps", "2",
+        "--batch-size", "2", "--lr", "1e-3", "--device", "cpu", "--param-diff", *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "all " in proc.stdout  # the per-layer before/after table was printed
+    for name in ("results.json", "compare.json", "before/probe.json", "after/probe.png"):
+        assert (out / name).is_file(), name
+    return json.loads((out / "results.json").read_text())
+
+
+def check_only_q_proj_changed(results: dict) -> None:
+    assert results["n_train"] == 3
+    assert len(results["losses"]) == 2
+    assert len(results["trainable"]) == 30  # one q_proj per layer
+    assert all(".q_proj." in name for name in results["trainable"])
+    assert set(results["changed"]) == set(results["trainable"])
+    assert len(results["compare"]["layers"]) == 30
+    assert results["compare"]["n_records"] == 2  # the probe split
+    assert results["before_layer_cue_mass"] != results["after_layer_cue_mass"]
+
+
+def test_adamw_trains_q_proj_only(tmp_path):
+    check_only_q_proj_changed(run_script(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("apollo_torch") is None, reason="no apollo-torch")
+def test_apollo_trains_q_proj_only(tmp_path):
+    check_only_q_proj_changed(run_script(tmp_path, "--optimizer", "apollo", "--apollo-rank", "8"))
