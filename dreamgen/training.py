@@ -16,14 +16,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import orjson
 
 from dreamgen.record import Record
-
-if TYPE_CHECKING:
-    import torch
 
 IGNORE_INDEX = -100
 Which = Literal["target", "contrast"]
@@ -320,12 +317,6 @@ def collate_fn(tokenizer: Any, padding_side: Literal["right", "left"] = "right")
     """A ``DataLoader`` collate function bound to ``tokenizer``'s pad token (EOS if none)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return functools.partial(collate, pad_token_id=pad, padding_side=padding_side)
-
-
-def decision_logits(logits: torch.Tensor, decision_index: torch.Tensor) -> torch.Tensor:
-    """``[batch, vocab]`` logits for the first response token (one row per sequence)."""
-    rows = decision_index.new_tensor(range(logits.shape[0]))
-    return logits[rows, decision_index]
 
 
 @functools.cache

@@ -30,6 +30,8 @@ REASONS = (
     "identical_responses",
     "listening_pushes_idea",
     "boilerplate",
+    "placeholder",  # filters: placeholder text instead of content
+    "echoed_prompt",  # filters: the prompt's own instructions copied as content
     "too_short",
     "duplicate",
     "near_duplicate",
@@ -73,11 +75,16 @@ def _joins_words(left: str, right: str) -> bool:
 
 def parse(raw: str | bytes, schema_name: str = "scenario") -> Scenario:
     """Parse raw model output into the model-facing schema, or raise Rejected."""
-    model = UndirectedScenario if schema_name == "scenario_undirected" else Scenario
     try:
         data = orjson.loads(raw)
     except (orjson.JSONDecodeError, TypeError) as exc:
         raise Rejected("invalid_json", str(exc)) from exc
+    return _scenario(data, schema_name)
+
+
+def _scenario(data: Any, schema_name: str) -> Scenario:
+    """Decoded JSON into the model-facing schema, or raise Rejected."""
+    model = UndirectedScenario if schema_name == "scenario_undirected" else Scenario
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -215,7 +222,9 @@ def _quotes(
             raise Rejected(reason, f"{q.quote[:60]!r} does not occur in turn {q.turn}")
         after[key] = hit[1]
         spans.append(
-            Span(message=index, start=hit[0], end=hit[1], kind=q.kind, text=content[hit[0] : hit[1]])
+            Span(
+                message=index, start=hit[0], end=hit[1], kind=q.kind, text=content[hit[0] : hit[1]]
+            )
         )
     return spans
 
@@ -242,15 +251,29 @@ def validate(
             data = orjson.loads(raw)
         except (orjson.JSONDecodeError, TypeError) as exc:
             raise Rejected("invalid_json", str(exc)) from exc
-    if isinstance(data, dict) and "schema_version" in data and "messages" in data:
+    # A whole Record only without a request: a model's answer to a request must be a
+    # scenario, never a Record that brings its own labels and provenance.
+    if (
+        request is None
+        and isinstance(data, dict)
+        and "schema_version" in data
+        and "messages" in data
+    ):
         try:
-            return Record.model_validate(data)
+            record = Record.model_validate(data)
+            # It must survive the store's write and the reader's parse (nesting depth).
+            Record.model_validate_json(orjson.dumps(record.model_dump(mode="json")))
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"]) or "(root)"
             raise Rejected("schema", f"{loc}: {first['msg']}") from exc
+        except (ValueError, TypeError) as exc:  # nested too deep to serialise
+            raise Rejected("schema", f"cannot be stored: {exc}") from exc
+        return record
     schema = request.schema_name if request else "scenario_undirected"
     if request is None and isinstance(data, dict) and "domain" not in data:
         schema = "scenario"
-    scenario = parse(orjson.dumps(data), schema)
+    # Validate the decoded data directly: re-encoding it would cost time and fail (TypeError)
+    # on nesting deeper than orjson.dumps allows (255) but orjson.loads accepts (1024).
+    scenario = _scenario(data, schema)
     return label(scenario, request, **provenance)

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import orjson
-import pytest
 
 from bench.vllm_sim import SimProcess
 from dreamgen.audit import audit
@@ -103,9 +102,25 @@ def test_ctrl_c_keeps_every_record_written(tmp_path: Path) -> None:
     out = tmp_path / "o"
     with SimProcess("--profile", "8b", "--speedup", "20") as sim:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dreamgen", "build", "--server", sim.url, "--model", sim.model,
-             "--count", "100000", "--out", str(out), "--quiet"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "dreamgen",
+                "build",
+                "--server",
+                sim.url,
+                "--model",
+                sim.model,
+                "--count",
+                "100000",
+                "--out",
+                str(out),
+                "--quiet",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not list((out / "shards").glob("*.open")):

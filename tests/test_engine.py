@@ -36,7 +36,9 @@ class Script:
         self.bodies.append(orjson.loads(await request.read()))
         step = self.plan.pop(0) if self.plan else "ok"
         if step == "429":
-            return web.json_response({"error": "slow down"}, status=429, headers={"Retry-After": "0"})
+            return web.json_response(
+                {"error": "slow down"}, status=429, headers={"Retry-After": "0"}
+            )
         if step.isdigit():
             return web.json_response({"error": {"message": f"boom {step}"}}, status=int(step))
         if step == "stall":

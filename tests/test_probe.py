@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -20,7 +21,7 @@ def make_record(rid: str, direction: str, cue: str, distractor: str) -> Record:
     """A three-turn scenario; the cue lies in the decision turn, the distractor before it."""
     opener = "Can you help me clean up the report script?"
     idea = f"Sure. {distractor} while we are at it."
-    spans = {
+    spans: dict[str, list[dict[str, Any]]] = {
         "cues": [{"message": 2, "text": cue}],
         "distractors": [{"message": 1, "text": distractor}],
     }

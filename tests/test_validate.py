@@ -55,7 +55,12 @@ def test_good_scenario_becomes_a_labelled_record(scenario: Scenario, request_: R
 def test_segments_are_joined_with_spaces_and_offsets_stay_exact(
     scenario: Scenario, request_: Request
 ) -> None:
-    turn = {"before": "Fine,", "cue": "  use the csv module ", "after": "please.", "kind": "constraint"}
+    turn = {
+        "before": "Fine,",
+        "cue": "  use the csv module ",
+        "after": "please.",
+        "kind": "constraint",
+    }
     record = dreamgen.validate(raw(scenario, decision_turn=turn), request_)
     assert record.messages[-1].content == "Fine,  use the csv module please."
     assert record.cues[0].text == "use the csv module"
@@ -152,7 +157,9 @@ def test_rule_filters(
     assert info.value.reason == reason
 
 
-def test_listening_that_restates_the_idea_is_rejected(scenario: Scenario, request_: Request) -> None:
+def test_listening_that_restates_the_idea_is_rejected(
+    scenario: Scenario, request_: Request
+) -> None:
     idea = scenario.idea_turn.idea
     record = dreamgen.validate(raw(scenario, listening=idea + " Then the fix."), request_)
     with pytest.raises(Rejected, match="listening_pushes_idea"):
