@@ -153,7 +153,7 @@ def soak(
     kills: int,
     seed: int = 0,
     per_kill: int = 30,
-    max_kill_s: float = 2.6,
+    max_kill_s: float = 1.5,
     speedup: float = 5.0,
     log: Any = None,
 ) -> SoakResult:
@@ -171,19 +171,20 @@ def soak(
         cmd = build_cmd(report, out, config, sim.base_url, sim.model, target, seed)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         while res.kills < kills:
-            before = report.stat().st_size if report.exists() else 0
-            delay = rng.uniform(0.05, max_kill_s)
+            before = _size(report)
+            # A quarter of the kills land at a random moment of start-up, recovery and
+            # restore; the rest a random moment after this cycle reported its first record
+            # (mid-generation, mid-flush, mid-rotation, mid-manifest).
+            early = rng.random() < 0.25
+            delay = rng.uniform(0.05, max_kill_s) if early else rng.uniform(0.0, 1.2)
             proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
-            try:
-                proc.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
+            if _wait_for_kill(proc, report, before, delay, early):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 res.kills += 1
-                grew = (report.stat().st_size if report.exists() else 0) > before
-                res.kills_mid_write += grew
+                res.kills_mid_write += _size(report) > before
                 if res.kills % 10 == 0:
                     say(f"kill {res.kills}/{kills}: {_count_reported(report)} reported")
                 continue
@@ -198,6 +199,29 @@ def soak(
     _check(out, report, res)
     res.elapsed_s = round(time.monotonic() - t0, 1)
     return res
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _wait_for_kill(
+    proc: subprocess.Popen[bytes], report: Path, before: int, delay: float, early: bool
+) -> bool:
+    """Wait for the kill moment; False if the process ended first."""
+    start = time.monotonic()
+    deadline = start + delay if early else None
+    while proc.poll() is None:
+        now = time.monotonic()
+        if deadline is None and (_size(report) > before or now - start > 30):
+            deadline = now + delay  # the cycle is producing: kill a random moment later
+        if deadline is not None and now >= deadline:
+            return True
+        time.sleep(0.005)
+    return False
 
 
 def _count_reported(report: Path) -> int:

@@ -312,5 +312,27 @@ def daemon(
     raise typer.Exit(code)
 
 
+@app.command()
+def probe(
+    model: Annotated[str, typer.Argument(help="HF name, local folder, .gguf file, or 'smollm2'")],
+    data: Annotated[Path, typer.Argument(help="a JSONL file or an output folder")],
+    out_dir: Annotated[Path, typer.Option("--out", help="where probe.json/.png go")] = Path(
+        "output/probe"
+    ),
+    limit: Annotated[int, typer.Option(help="records to probe")] = 32,
+    compare: Annotated[str | None, typer.Option(help="a second ('after') model")] = None,
+) -> None:
+    """Attention mass at the decision position on cue vs distractor tokens, per layer/head."""
+    try:
+        from dreamgen.probe import probe_cli
+    except ImportError as exc:  # torch/transformers live in the `train` extra
+        fail(f"the probe needs the train extra (pip install 'dreamgen[train]'): {exc}")
+        raise
+    try:
+        probe_cli(model, data, out_dir, limit, compare)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+
+
 if __name__ == "__main__":
     main()

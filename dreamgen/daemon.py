@@ -342,11 +342,12 @@ class Daemon:
         while True:
             await asyncio.sleep(0.5)
             if run.store.rotations != rotations:
+                new = run.store.rotations - rotations
                 rotations = run.store.rotations
-                shard = run.store.closed[-1]
-                event(logging.INFO, "shard_closed", "closed shard %s (%d records)",
-                      shard.name, shard.records, shard=shard.name,
-                      records=shard.records)  # fmt: skip
+                for shard in run.store.closed[-new:]:
+                    event(logging.INFO, "shard_closed", "closed shard %s (%d records)",
+                          shard.name, shard.records, shard=shard.name,
+                          records=shard.records)  # fmt: skip
             self.check_store()
             ready, reason = self.readiness()
             if ready != self._was_ready and not self.draining:

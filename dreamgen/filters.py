@@ -16,13 +16,51 @@ BOILERPLATE = re.compile(
 )
 # Openers that pitch an alternative instead of following the user.
 PUSH_OPENERS = re.compile(
-    r"^\W*(instead\b|how about\b|what if (we|you)\b|have you considered\b|actually,? (let'?s|we|you)"
-    r"|i'?d (still )?(suggest|recommend)|i (still )?(suggest|recommend|think we should)|rather than)",
+    r"^\W*(instead\b|how about\b|what if (we|you)\b|have you considered\b"
+    r"|actually,? (let'?s|we|you)|i'?d (still )?(suggest|recommend)"
+    r"|i (still )?(suggest|recommend|think we should)|rather than)",
     re.IGNORECASE,
 )
 WORD = re.compile(r"[a-z0-9']+")
 STOP = frozenset(
-    ["a", "an", "the", "to", "of", "and", "or", "in", "on", "for", "with", "it", "is", "be", "this", "that", "you", "your", "we", "i", "me", "my", "at", "as", "by", "so", "if", "do", "just", "can", "will", "would", "could", "should", "it's", "that's"]
+    [
+        "a",
+        "an",
+        "the",
+        "to",
+        "of",
+        "and",
+        "or",
+        "in",
+        "on",
+        "for",
+        "with",
+        "it",
+        "is",
+        "be",
+        "this",
+        "that",
+        "you",
+        "your",
+        "we",
+        "i",
+        "me",
+        "my",
+        "at",
+        "as",
+        "by",
+        "so",
+        "if",
+        "do",
+        "just",
+        "can",
+        "will",
+        "would",
+        "could",
+        "should",
+        "it's",
+        "that's",
+    ]
 )
 MIN_CHARS = 12
 
@@ -48,8 +86,28 @@ ECHO = re.compile(
 )
 # A whole message that is only a label from the prompt ("Situation", "Topic", "Opening").
 LABELS = frozenset(
-    "situation topic setting opening exchanges idea cue listening reflex direction example "
-    "json user assistant before after kind difficulty momentum mood".split()
+    [
+        "situation",
+        "topic",
+        "setting",
+        "opening",
+        "exchanges",
+        "idea",
+        "cue",
+        "listening",
+        "reflex",
+        "direction",
+        "example",
+        "json",
+        "user",
+        "assistant",
+        "before",
+        "after",
+        "kind",
+        "difficulty",
+        "momentum",
+        "mood",
+    ]
 )
 ECHO_NGRAM = 5  # words: a run this long copied from the instructions is an echo
 

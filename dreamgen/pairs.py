@@ -20,16 +20,18 @@ Variants share the parent's ``group_id`` and split, carry ``parent_id`` = the pa
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 from pydantic import ValidationError
 
-from dreamgen.record import Message, Record, Span, content_id
+from dreamgen.record import Axes, Message, Record, Span, content_id
 from dreamgen.taxonomy import CueKind
 
-PairKind = str  # "cue_removed" | "cue_contradicted"
-KINDS: tuple[str, ...] = ("cue_removed", "cue_contradicted")
+PairKind = Literal["cue_removed", "cue_contradicted"]
+KINDS: tuple[PairKind, ...] = ("cue_removed", "cue_contradicted")
 
 # Phrasings that reverse the direction toward the assistant's idea. Each stands alone as a
 # sentence, so it reads after whatever the turn said before it.
@@ -51,21 +53,35 @@ def selected(record: Record, share: float) -> bool:
     return u < share
 
 
-def _join(left: str, middle: str, right: str) -> tuple[str, int, int]:
-    """``left + middle + right`` with one space at each seam that needs one; offsets of
-    ``middle`` in the result (``middle`` may be empty: the seam is then left-right)."""
+PUNCT = ".,;:!?"
+
+
+DANGLING = re.compile(
+    r"(?:[\s,;:\u2014-]+|\s+(?:and|but|so|or|because|since|as|that|then|which))+$", re.I
+)
+
+
+def _close(left: str) -> str:
+    """End a fragment that ran into the cut as a sentence: "…in the review and" becomes
+    "…in the review." (a dangling comma or connective goes; a full stop is added)."""
     left = left.rstrip()
-    right = right.lstrip()
-    if not middle:
-        sep = " " if left and right and right[0].isalnum() else ""
-        if left and right and not right[0].isalnum() and right[0] not in ".,;:!?)":
-            sep = " "
-        return left + sep + right, len(left + sep), len(left + sep)
-    pre = " " if left else ""
-    post = " " if right and (right[0].isalnum() or right[0] in "\"'(") else ""
-    if right and not post and right[0] not in ".,;:!?)":
-        post = " "
-    start = len(left + pre)
+    if not left or left[-1] in ".!?":
+        return left
+    trimmed = DANGLING.sub("", left)
+    return (trimmed + ".") if trimmed and trimmed[-1] not in ".!?" else trimmed
+
+
+def _join(left: str, middle: str, right: str) -> tuple[str, int, int]:
+    """``left + middle + right`` reading as sentences, one space at each seam; offsets of
+    ``middle`` in the result (``middle`` may be empty: the seam is then left-right)."""
+    left, right = _close(left), right.lstrip()
+    if middle and middle[-1] in PUNCT:
+        right = right.lstrip(PUNCT).lstrip()  # "instead." + ". Walk me" → "instead. Walk me"
+    if right and right[0].islower() and (not (left or middle) or (middle or left)[-1] in ".!?"):
+        right = right[0].upper() + right[1:]
+    pre = " " if left and middle else ""
+    post = " " if (left or middle) and right and right[0] not in PUNCT + ")" else ""
+    start = len(left) + len(pre)
     return left + pre + middle + post + right, start, start + len(middle)
 
 
@@ -76,7 +92,7 @@ def _cut(content: str, spans: Sequence[Span]) -> str:
     return content
 
 
-def derive(record: Record, kinds: Sequence[str] = KINDS) -> list[Record]:
+def derive(record: Record, kinds: Sequence[PairKind] = KINDS) -> list[Record]:
     """The minimal-pair variants of ``record`` (fewer when one cannot be built cleanly)."""
     if record.mode == "minimal_pair":
         return []
@@ -157,7 +173,7 @@ def _contradicted(record: Record, primary: Span) -> Record | None:
 
 def _make(
     parent: Record,
-    kind: str,
+    kind: PairKind,
     messages: list[Message],
     *,
     target: Message,
@@ -165,7 +181,7 @@ def _make(
     cues: list[Span],
     distractors: list[Span],
     quality: dict[str, object],
-    axes: object = None,
+    axes: Axes | None = None,
 ) -> Record | None:
     prov = parent.provenance.model_copy(
         update={"operator": kind, "created_at": round(time.time(), 3)}
@@ -185,7 +201,7 @@ def _make(
             parent_id=parent.id,
             generation=parent.generation,
             mode="minimal_pair",
-            minimal_pair=kind,  # type: ignore[arg-type]
+            minimal_pair=kind,
             provenance=prov,
             quality={"pair_of": parent.id, "variant": kind, **quality},
         )

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dreamgen import filters
+from dreamgen import filters, pairs
 from dreamgen.cards import CardSet
 from dreamgen.config import Config
 from dreamgen.dedup import Dedup, conversation_text, exact_key, load_heldout
@@ -64,6 +64,7 @@ class Summary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     accepted_tokens: int = 0
+    minimal_pairs: int = 0  # derived variants written beside accepted records
     engine_errors: int = 0
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
@@ -91,6 +92,7 @@ class Summary:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "accepted_tokens": self.accepted_tokens,
+            "minimal_pairs": self.minimal_pairs,
             "elapsed_s": round(el, 2),
             "accepted_per_s": round(self.accepted / el, 3),
             "accepted_tokens_per_s": round(self.accepted_tokens / el, 1),
@@ -265,7 +267,9 @@ class Run:
 
     def _restore(self) -> None:
         """Rebuild counts and dedup state from what the store already holds."""
+        self.pairs = 0  # minimal pairs in the store: they do not count toward the target
         for record in self.store.records():
+            self.pairs += record.mode == "minimal_pair"
             self.planner.observe(record)
             text = conversation_text(record)
             if exact_key(text) not in self.dedup.exact:
@@ -280,7 +284,8 @@ class Run:
     @property
     def reached(self) -> bool:
         target = self.config.count
-        return target is not None and self.store.count + len(self.pending) >= target
+        done = self.store.count - self.pairs + len(self.pending)
+        return target is not None and done >= target
 
     def stop(self, reason: str = "signal") -> None:
         """Stop issuing requests; in-flight ones finish (see ``run``'s grace)."""
@@ -516,12 +521,22 @@ class Run:
     def _flush(self) -> None:
         # Dedup first: a signature without its record only blocks a record nobody saw.
         self.dedup.sync()
-        for record in self.store.flush():
-            request, tokens = self.pending.pop(record.id)
-            self.planner.accepted(request, record)
-            self.summary.accepted += 1
-            self.summary.accepted_tokens += tokens
-            if self.on_record is not None:
-                self.on_record(record)
+        plan = self.config.plan
+        while done := self.store.flush():
+            for record in done:
+                entry = self.pending.pop(record.id, None)
+                if entry is None:  # a minimal pair of a record accepted just before
+                    self.pairs += 1
+                    self.summary.minimal_pairs += 1
+                else:
+                    request, tokens = entry
+                    self.planner.accepted(request, record)
+                    self.summary.accepted += 1
+                    self.summary.accepted_tokens += tokens
+                    if pairs.selected(record, plan.minimal_pairs):
+                        for pair in pairs.derive(record, plan.minimal_pair_kinds):
+                            self.store.add(pair)
+                if self.on_record is not None:
+                    self.on_record(record)
         if self.on_progress:
             self.on_progress(self.summary)

@@ -26,6 +26,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from dreamgen.cards import Card, CardSet, example_json
+from dreamgen.pairs import PairKind
 from dreamgen.record import Axes, Mode, Record
 from dreamgen.taxonomy import DIFFICULTY, CueKind, DistractorKind, Domain, Emotion, Momentum
 
@@ -33,7 +34,6 @@ Cell = tuple[str, str, int]  # (cue_kind, distractor_kind, difficulty)
 # The bucket undirected records fill; kept in the same counters as the cells so that a
 # planner rebuilt on reload (which copies ``filled`` and ``inflight``) keeps it too.
 UNDIRECTED: Cell = ("undirected", "*", 0)
-PairKind = Literal["cue_removed", "cue_contradicted"]
 
 OPERATORS: dict[str, str] = {
     "subtler_cue": "make the user's direction subtler: shorter, less explicit, easier to miss, "
@@ -327,9 +327,7 @@ class Planner:
             {"role": "user", "content": user},
         ]
         digest = hashlib.sha256(orjson.dumps(messages)).hexdigest()[:16]
-        return Request(
-            index=self.index, card=card, messages=messages, prompt_hash=digest, **fields
-        )
+        return Request(index=self.index, card=card, messages=messages, prompt_hash=digest, **fields)
 
     def _directed(self, cell: Cell) -> Request:
         card = self._card_for(cell)
@@ -428,8 +426,7 @@ def _parent_text(parent: Record) -> str:
     data = {
         "opening": msgs[0].content,
         "exchanges": [
-            {"assistant": msgs[i].content, "user": msgs[i + 1].content}
-            for i in range(1, idea_i, 2)
+            {"assistant": msgs[i].content, "user": msgs[i + 1].content} for i in range(1, idea_i, 2)
         ],
         "idea_turn": {
             "before": it[: idea.start],

@@ -77,7 +77,7 @@ class Record(_Model):
     messages: Annotated[list[Message], Field(min_length=1, max_length=16)]
     target: Message
     contrast: Message
-    cues: Annotated[list[Span], Field(min_length=1)]
+    cues: list[Span]  # at least one, except in a cue_removed minimal pair
     distractors: list[Span] = []
     axes: Axes
     difficulty: Annotated[int, Field(ge=1, le=5)]
@@ -101,6 +101,8 @@ class Record(_Model):
 
     @model_validator(mode="after")
     def _invariants(self) -> Record:
+        if not self.cues and self.minimal_pair != "cue_removed":
+            raise ValueError("a record needs at least one cue (only a cue_removed pair has none)")
         last = self.messages[-1]
         if last.role != "user":
             raise ValueError("the decision turn (last message) must be the user's")

@@ -486,7 +486,7 @@ class ServerEngine:
     def _retry_hook(self, r: Replica) -> Callable[[BaseException | None], None]:
         def hook(exc: BaseException | None) -> None:
             if isinstance(exc, TransientError):
-                if exc.status in (429, 503) and r.limiter.on_overload():
+                if exc.status in (429, 503) and r.up and r.limiter.on_overload():
                     self.gate.notify()
                 if exc.status is None or exc.status == 503:
                     self._suspect(r)  # connection failure or unavailable: probe it now
