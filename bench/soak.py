@@ -173,14 +173,17 @@ def soak(
         while res.kills < kills:
             before = _size(report)
             # A quarter of the kills land at a random moment of start-up, recovery and
-            # restore; the rest a random moment after this cycle reported its first record
-            # (mid-generation, mid-flush, mid-rotation, mid-manifest).
+            # restore; the rest once this cycle has reported a random number of records,
+            # plus a random few milliseconds (mid-generation, mid-flush, mid-rotation,
+            # mid-manifest). Counting records keeps each cycle's share of the target the
+            # same on a fast machine and a slow one.
             early = rng.random() < 0.25
-            delay = rng.uniform(0.05, max_kill_s) if early else rng.uniform(0.0, 1.2)
+            delay = rng.uniform(0.05, max_kill_s) if early else rng.uniform(0.0, 0.05)
+            after = 0 if early else rng.randint(1, per_kill // 2)
             proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
-            if _wait_for_kill(proc, report, before, delay, early):
+            if _wait_for_kill(proc, report, before, delay, after):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 res.kills += 1
@@ -209,18 +212,23 @@ def _size(path: Path) -> int:
 
 
 def _wait_for_kill(
-    proc: subprocess.Popen[bytes], report: Path, before: int, delay: float, early: bool
+    proc: subprocess.Popen[bytes], report: Path, before: int, delay: float, after: int
 ) -> bool:
-    """Wait for the kill moment; False if the process ended first."""
+    """Wait for the kill moment; False if the process ended first.
+
+    ``after`` = 0: ``delay`` after the start; else ``delay`` after the cycle has reported
+    ``after`` records (or 30 s without them).
+    """
     start = time.monotonic()
-    deadline = start + delay if early else None
+    deadline = start + delay if after == 0 else None
+    line = 33  # a reported id and its newline
     while proc.poll() is None:
         now = time.monotonic()
-        if deadline is None and (_size(report) > before or now - start > 30):
-            deadline = now + delay  # the cycle is producing: kill a random moment later
+        if deadline is None and (_size(report) - before >= after * line or now - start > 30):
+            deadline = now + delay
         if deadline is not None and now >= deadline:
             return True
-        time.sleep(0.005)
+        time.sleep(0.002)
     return False
 
 

@@ -25,19 +25,15 @@ from dreamgen.taxonomy import CueKind, DistractorKind, Domain, Emotion, Momentum
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 
-# The variables every template may use; `cards check` flags anything else.
-TEMPLATE_VARIABLES = {
-    "card",
-    "axes",
-    "describe",
-    "difficulty",
-    "difficulty_text",
-    "parent",
-    "operator",
-    "example",
-    "schema_hint",
-    "minimal_pair",
+# What the planner supplies to each template (``describe`` is always there); a card's own
+# template gets what a directed request has. `cards check` flags anything else.
+DIRECTED_VARIABLES = frozenset({"card", "axes", "difficulty", "difficulty_text"})
+TEMPLATE_CONTEXTS: dict[str, frozenset[str]] = {
+    "system.j2": frozenset({"example"}),
+    "evolve.j2": frozenset({"parent", "operator", "axes", "difficulty", "difficulty_text"}),
+    "undirected.j2": frozenset(),
 }
+TEMPLATE_VARIABLES = frozenset({"describe"}).union(DIRECTED_VARIABLES, *TEMPLATE_CONTEXTS.values())
 
 
 class CardError(Exception):
@@ -142,8 +138,7 @@ def _load_cards(root: Path) -> tuple[list[Card], list[str]]:
             card = Card.model_validate(data)
         except ValidationError as exc:
             for err in exc.errors():
-                loc = ".".join(str(p) for p in err["loc"])
-                problems.append(f"{path}: {loc}: {err['msg']}")
+                problems.append(_card_problem(path, err))
             continue
         if card.id in seen:
             problems.append(f"{path}: duplicate card id {card.id!r} (also in {seen[card.id]})")
@@ -153,12 +148,58 @@ def _load_cards(root: Path) -> tuple[list[Card], list[str]]:
     return cards, problems
 
 
+def _card_problem(path: Path, err: Any) -> str:
+    """One line for a card validation error, with the YAML line where the value sits."""
+    loc = [p for p in err["loc"] if not isinstance(p, str) or p not in ("str", "int")]
+    where = _yaml_line(path, loc)
+    field = ".".join(str(p) for p in loc) or "(card)"
+    if err["type"] == "enum":
+        allowed = err.get("ctx", {}).get("expected", "")
+        msg = f"unknown taxonomy value {err['input']!r} (allowed: {allowed})"
+    elif err["type"] == "extra_forbidden":
+        msg = f"unknown field (allowed: {', '.join(Card.model_fields)})"
+    else:
+        msg = err["msg"]
+    return f"{path}{where}: {field}: {msg}"
+
+
+def _yaml_line(path: Path, loc: list[Any]) -> str:
+    """``:LINE`` of the YAML node at ``loc`` (or its deepest existing parent), else ""."""
+    try:
+        node: Any = yaml.compose(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return ""
+    mark = node.start_mark if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            hit = next((v for k, v in node.value if k.value == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int):
+            hit = node.value[key] if 0 <= key < len(node.value) else None
+        else:
+            hit = None
+        if hit is None:
+            break
+        node, mark = hit, hit.start_mark
+    return f":{mark.line + 1}" if mark is not None else ""
+
+
+def _context_for(name: str, cards: Iterable[Card]) -> frozenset[str]:
+    supplied = frozenset({"describe"})
+    if name in TEMPLATE_CONTEXTS:
+        return supplied | TEMPLATE_CONTEXTS[name]
+    if any(c.template == name for c in cards):
+        return supplied | DIRECTED_VARIABLES
+    return TEMPLATE_VARIABLES  # a template nothing uses yet: anything the planner has
+
+
 def _lint_templates(root: Path, cards: Iterable[Card]) -> list[str]:
     problems: list[str] = []
+    cards = list(cards)
     templates = root / "templates"
     env = make_env(templates)
-    needed = {c.template for c in cards} | {"system.j2", "evolve.j2", "undirected.j2"}
+    needed = {c.template for c in cards} | set(TEMPLATE_CONTEXTS)
     names = sorted(needed | {p.name for p in templates.glob("*.j2")})
+    clean: set[str] = set()
     for name in names:
         path = templates / name
         if not path.is_file():
@@ -171,10 +212,45 @@ def _lint_templates(root: Path, cards: Iterable[Card]) -> list[str]:
         except jinja2.TemplateSyntaxError as exc:
             problems.append(f"{path}:{exc.lineno}: template syntax error: {exc.message}")
             continue
-        unknown = meta.find_undeclared_variables(ast) - TEMPLATE_VARIABLES
+        unknown = meta.find_undeclared_variables(ast) - _context_for(name, cards)
         for var in sorted(unknown):
-            problems.append(f"{path}: uses variable {var!r} that nothing supplies")
+            line = next((i for i, text in enumerate(source.splitlines(), 1) if var in text), None)
+            where = f":{line}" if line else ""
+            problems.append(f"{path}{where}: uses variable {var!r} that nothing supplies")
+        if not unknown:
+            clean.add(name)
+    # Render every card once: a misspelt attribute ({{ card.situaton }}) only shows there.
+    for card in cards:
+        if card.template in clean:
+            problems += _try_render(env, templates / card.template, card)
     return problems
+
+
+def _try_render(env: ImmutableSandboxedEnvironment, path: Path, card: Card) -> list[str]:
+    from dreamgen.record import Axes
+    from dreamgen.taxonomy import DIFFICULTY
+
+    axes = Axes(
+        cue_kind=card.cue_kinds[0],
+        distractor_kind=card.distractor_kinds[0],
+        domain=card.domains[0],
+        emotion=card.emotions[0],
+        momentum=card.momentum[0],
+    )
+    d = card.difficulty[0]
+    try:
+        env.get_template(path.name).render(
+            describe=describe_value,
+            card=card,
+            axes=axes,
+            difficulty=d,
+            difficulty_text=DIFFICULTY[d],
+        )
+    except jinja2.TemplateError as exc:
+        line = getattr(exc, "lineno", None)
+        where = f":{line}" if line else ""
+        return [f"{path}{where}: fails to render card {card.id!r}: {exc}"]
+    return []
 
 
 def lint(root: Path = PROMPTS_DIR) -> list[str]:

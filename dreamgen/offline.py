@@ -56,7 +56,7 @@ class OfflineEngine:
 
     name = "vllm-offline"
 
-    def __init__(self, config: Config, *, batch_wait_s: float = 0.02) -> None:
+    def __init__(self, config: Config, *, batch_wait_s: float = 0.05) -> None:
         self.model = config.model_name
         self.config = config
         self.batch_wait_s = batch_wait_s
@@ -151,8 +151,13 @@ class OfflineEngine:
     async def _batcher(self) -> None:
         while True:
             await self._wake.wait()
-            # Let the pipeline fill its window before the wave starts.
-            await asyncio.sleep(self.batch_wait_s)
+            # Let the pipeline fill its window before the wave starts: wait while requests
+            # keep arriving (a gap of batch_wait_s ends it), up to the window size.
+            while len(self._queue) < self.max_batch:
+                seen = len(self._queue)
+                await asyncio.sleep(self.batch_wait_s)
+                if len(self._queue) == seen:
+                    break
             self._wake.clear()
             batch = [p for p in self._queue[: self.max_batch] if not p.future.done()]
             del self._queue[: self.max_batch]

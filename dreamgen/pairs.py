@@ -75,10 +75,12 @@ def _join(left: str, middle: str, right: str) -> tuple[str, int, int]:
     """``left + middle + right`` reading as sentences, one space at each seam; offsets of
     ``middle`` in the result (``middle`` may be empty: the seam is then left-right)."""
     left, right = _close(left), right.lstrip()
-    if middle and middle[-1] in PUNCT:
-        right = right.lstrip(PUNCT).lstrip()  # "instead." + ". Walk me" → "instead. Walk me"
-    if right and right[0].islower() and (not (left or middle) or (middle or left)[-1] in ".!?"):
-        right = right[0].upper() + right[1:]
+    prev = middle or left
+    if not prev or prev[-1] in ".!?":
+        # A new sentence starts here: "instead." + ", so what" → "instead. So what".
+        right = right.lstrip(PUNCT).lstrip()
+        if right[:1].islower():
+            right = right[0].upper() + right[1:]
     pre = " " if left and middle else ""
     post = " " if (left or middle) and right and right[0] not in PUNCT + ")" else ""
     start = len(left) + len(pre)

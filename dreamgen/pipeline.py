@@ -308,10 +308,11 @@ class Run:
         changes nothing) if the new cards and plan admit no request.
         """
         planner = Planner(cards, config.plan, config.count)
-        old = self.planner
-        planner.rng, planner.index = old.rng, old.index
-        planner.filled, planner.inflight = old.filled, old.inflight
-        planner.domains, planner.parents = old.domains, old.parents
+        # Carry over what the planner learnt (counts, parents, RNG); not what the config made.
+        derived = {"cards", "config", "target", "cells", "quota"}
+        for key, value in vars(self.planner).items():
+            if key not in derived:
+                setattr(planner, key, value)
         self.planner, self.cards, self.config = planner, cards, config
         self.summary.target = config.count
         st = self.store

@@ -247,7 +247,7 @@ class Planner:
                 "distractor_kind": c[1],
                 "difficulty": c[2],
                 "filled": self.filled[c],
-                "quota": self.quota[c] if self.target is not None else None,
+                "quota": int(self.quota[c]) if self.target is not None else None,
             }
             for c in self.cells
         ]

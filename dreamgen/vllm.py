@@ -126,7 +126,7 @@ class AdaptiveLimiter:
       server's queue, or the KV cache is at ``max_kv_usage`` while requests wait or get
       preempted;
     - *increase* (``limit += increase``) when the queue is short, the KV cache has room and
-      the limit is in use (in flight within one step of it): a limit nobody uses proves
+      the limit is in use (in flight at 80% of it or more): a limit nobody uses proves
       nothing;
     - otherwise hold.
 
@@ -194,7 +194,7 @@ class AdaptiveLimiter:
         kv_full = load.kv_usage is not None and load.kv_usage >= s.max_kv_usage
         if load.waiting > s.max_waiting or (kv_full and (load.waiting > 0 or preempted)):
             return "decrease" if self._decrease("requests waiting", now) else None
-        in_use = self.inflight >= self.limit - s.increase
+        in_use = self.inflight > 0 and self.inflight >= 0.8 * self.limit
         if not kv_full and in_use and self.limit < self.max_limit:
             self.limit = min(self.max_limit, self.limit + s.increase)
             self.increases += 1
