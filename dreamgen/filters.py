@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dreamgen.record import Record
 from dreamgen.validate import Rejected
+
+if TYPE_CHECKING:
+    from dreamgen.scenario import Scenario
 
 BOILERPLATE = re.compile(
     r"\b(as an ai\b|as a language model|i'?m just an ai|i cannot assist|i can'?t assist"
@@ -110,16 +115,37 @@ LABELS = frozenset(
     ]
 )
 ECHO_NGRAM = 5  # words: a run this long copied from the instructions is an echo
+COPY_NGRAM = 8  # words: a run this long taken from a worked example is a copy
 
 
-def _ngrams(text: str) -> set[tuple[str, ...]]:
+def _ngrams(text: str, n: int = ECHO_NGRAM) -> set[tuple[str, ...]]:
     words = WORD.findall(text.lower())
     out = set()
-    for i in range(len(words) - ECHO_NGRAM + 1):
-        gram = tuple(words[i : i + ECHO_NGRAM])
-        if sum(w not in STOP for w in gram) >= 2:
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i : i + n])
+        if sum(w not in STOP for w in gram) >= n // 2:
             out.add(gram)
     return out
+
+
+_EXAMPLE_GRAMS: dict[int, tuple[Sequence[Scenario], frozenset[tuple[str, ...]]]] = {}
+
+
+def example_ngrams(examples: Sequence[Scenario]) -> frozenset[tuple[str, ...]]:
+    """Word n-grams of the worked examples (cached per example list)."""
+    hit = _EXAMPLE_GRAMS.get(id(examples))
+    if hit is not None and hit[0] is examples:
+        return hit[1]
+    grams: set[tuple[str, ...]] = set()
+    for ex in examples:
+        texts = [ex.opening, ex.listening, ex.reflex]
+        texts += [t for e in ex.exchanges for t in (e.assistant, e.user)]
+        texts += [ex.idea_turn.before + ex.idea_turn.idea + ex.idea_turn.after]
+        texts += [ex.decision_turn.before + ex.decision_turn.cue + ex.decision_turn.after]
+        for text in texts:
+            grams |= _ngrams(text, COPY_NGRAM)
+    _EXAMPLE_GRAMS[id(examples)] = (examples, frozenset(grams))
+    return frozenset(grams)
 
 
 @lru_cache(maxsize=1)
@@ -166,8 +192,32 @@ def _first_sentence(text: str) -> str:
     return re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0]
 
 
-def check(record: Record) -> None:
-    """Raise ``Rejected`` if the record fails a rule filter."""
+def check_repeats(texts: list[str]) -> None:
+    """Reject a conversation in which one message repeats another word for word."""
+    seen: set[str] = set()
+    for text in texts:
+        key = " ".join(WORD.findall(text.lower()))
+        if key and key in seen:
+            raise Rejected("repeated_turn", f"a message repeats another: {text[:50]!r}")
+        seen.add(key)
+
+
+def check_copies(texts: list[str], examples: Sequence[Scenario]) -> None:
+    """Reject a conversation that copies a run of words from a worked example (the small
+    model leans on the example in its prompt instead of writing about its own topic)."""
+    grams = example_ngrams(examples)
+    for text in texts:
+        copied = _ngrams(text, COPY_NGRAM) & grams
+        if copied:
+            phrase = " ".join(min(copied))
+            raise Rejected("copied_example", f"copies a worked example: {phrase!r}")
+
+
+def check(record: Record, examples: Sequence[Scenario] = ()) -> None:
+    """Raise ``Rejected`` if the record fails a rule filter.
+
+    ``examples``: the worked examples shown in prompts; text copied from them is rejected.
+    """
     for msg in (record.target, record.contrast):
         if len(msg.content.strip()) < MIN_CHARS:
             raise Rejected("too_short", f"a response is under {MIN_CHARS} characters")
@@ -178,9 +228,11 @@ def check(record: Record) -> None:
         hit = BOILERPLATE.search(text)
         if hit:
             raise Rejected("boilerplate", f"contains {hit.group(0)!r}")
-    check_echo(
-        [m.content for m in record.messages] + [record.target.content, record.contrast.content]
-    )
+    texts = [m.content for m in record.messages] + [record.target.content, record.contrast.content]
+    check_echo(texts)
+    check_repeats(texts)
+    if examples:
+        check_copies(texts, examples)
     target = record.target.content
     if PUSH_OPENERS.search(target):
         raise Rejected("listening_pushes_idea", "the listening response opens with an alternative")

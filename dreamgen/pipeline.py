@@ -275,7 +275,7 @@ class Run:
             if exact_key(text) not in self.dedup.exact:
                 self.dedup.add(*self.dedup.signature(text))
         self.dedup.sync()
-        self.summary.resumed = self.store.count
+        self.summary.resumed = self.store.count - self.pairs  # scenarios, as the target
         # Earlier runs' totals; this run's counts are added to them, never to a manifest
         # this run already wrote (that would count them twice).
         self.base_totals: dict[str, Any] = dict(self.store.meta.get("totals", {}))
@@ -482,7 +482,7 @@ class Run:
                 engine=engine.name,
                 sampling=sampling,
             )
-            filters.check(record)
+            filters.check(record, self.cards.examples)
             record.split = split_for(record.group_id, self.config.splits)
             key, mh = self.dedup.signature(conversation_text(record))
             reason = self.dedup.check(key, mh, record)

@@ -32,6 +32,8 @@ REASONS = (
     "boilerplate",
     "placeholder",  # filters: placeholder text instead of content
     "echoed_prompt",  # filters: the prompt's own instructions copied as content
+    "repeated_turn",  # filters: a message repeats another word for word
+    "copied_example",  # filters: a run of words copied from a worked example
     "too_short",
     "duplicate",
     "near_duplicate",

@@ -179,6 +179,44 @@ def test_real_content_passes_the_echo_filter(scenario: Scenario, opening: str) -
     filters.check(record_of(scenario.model_copy(update={"opening": opening})))
 
 
+def test_a_repeated_turn_is_rejected(scenario: Scenario) -> None:
+    rec = record_of(scenario.model_copy(update={"listening": scenario.opening}))
+    with pytest.raises(Rejected) as info:
+        filters.check(rec)
+    assert info.value.reason == "repeated_turn"
+
+
+def test_copying_a_worked_example_is_rejected(cards: CardSet, scenario: Scenario) -> None:
+    other = cards.examples[-1]
+    assert other.opening != scenario.opening
+    copied = scenario.model_copy(update={"opening": "Quick one. " + other.opening})
+    rec = record_of(copied)
+    filters.check(rec)  # without the examples, nothing to compare against
+    with pytest.raises(Rejected) as info:
+        filters.check(rec, cards.examples)
+    assert info.value.reason == "copied_example"
+    # Short shared phrases are fine: only a run of eight words counts as a copy.
+    ok = scenario.model_copy(update={"opening": "My export script chokes on a quoted field."})
+    with pytest.raises(Rejected):  # the fixture itself is a worked example
+        filters.check(record_of(scenario), cards.examples)
+    fresh = record_of(
+        ok.model_copy(
+            update={
+                "exchanges": [],
+                "idea_turn": ok.idea_turn.model_copy(
+                    update={"before": "Hm. ", "idea": "We could switch to polars.", "after": ""}
+                ),
+                "decision_turn": ok.decision_turn.model_copy(
+                    update={"before": "", "cue": "Stay with csv, please.", "after": ""}
+                ),
+                "listening": "Then pass newline='' to open() and the quoted field parses.",
+                "reflex": "Sure, though polars would read it faster and infer the types too.",
+            }
+        )
+    )
+    filters.check(fresh, cards.examples)
+
+
 # -- end to end on the embedded model ------------------------------------------------------
 
 
@@ -186,17 +224,18 @@ def test_dream_loop_end_to_end_on_the_embedded_model(tmp_path: Path) -> None:
     """Real SmolLM2 through ``Run``: directed, evolved and undirected records with minimal
     pairs, lineage intact.
 
-    Two runs on one OUT: the first (target 2) accepts a directed and an undirected record;
-    the second (target 4) resumes, so its directed request is guaranteed to be an
-    evolution of a stored parent (``evolve_share=1``) and its lineage must survive the
-    restart. Pairs count toward no target.
+    Two runs on one OUT: the first (target 1, no room for an undirected record) accepts a
+    directed record; the second (target 3) resumes, so its directed request is guaranteed
+    to be an evolution of a stored parent (``evolve_share=1``), and it fills the undirected
+    bucket (round(3 * 0.34) = 1). Lineage must survive the restart; pairs count toward no
+    target.
     """
     plan = PlanConfig(
         seed=3,
         difficulty_min=1,
         difficulty_max=2,
         evolve_share=1.0,
-        undirected_share=0.5,
+        undirected_share=0.34,
         minimal_pairs=1.0,
     )
 
@@ -210,18 +249,17 @@ def test_dream_loop_end_to_end_on_the_embedded_model(tmp_path: Path) -> None:
             sampling=SamplingConfig(seed=1),
         )
 
-    first = asyncio.run(Run(config(2)).run())
-    assert first.accepted == 2
-    second = asyncio.run(Run(config(4)).run())
-    assert second.accepted == 2 and second.resumed >= 2
+    first = asyncio.run(Run(config(1)).run())
+    assert first.accepted == 1
+    second = asyncio.run(Run(config(3)).run())
+    assert second.accepted == 2 and second.resumed >= 1
 
     records = list(read_records(tmp_path / "out"))
     by_id = {r.id: r for r in records}
     scenarios = [r for r in records if r.mode != "minimal_pair"]
     modes = Counter(r.mode for r in scenarios)
-    assert len(scenarios) == 4
-    assert modes["undirected"] == 2  # the undirected bucket: round(4 * 0.5)
-    assert modes["directed"] == 1 and modes["evolved"] == 1
+    assert len(scenarios) == 3
+    assert modes == {"directed": 1, "evolved": 1, "undirected": 1}
     for r in scenarios:
         if r.mode == "evolved":
             parent = by_id[r.parent_id]  # type: ignore[index]
