@@ -1,6 +1,6 @@
 """dreamgen's benchmarks against the simulated vLLM server; prints a table, writes JSON.
 
-    python bench/run.py            # full: every setting, 10k/100k records (~10 minutes)
+    python bench/run.py            # full: every setting, 10k/100k records (~15 minutes)
     python bench/run.py --quick    # about a minute; last line: useful/capacity: R
     python bench/run.py --ci       # seconds, tiny sizes (tests/test_bench.py): proves it runs
 
@@ -1044,6 +1044,7 @@ async def section_d(
                 False,
             ):
                 row["useful_no_faults"] = x.get("useful_over_capacity")
+                row["gen_no_faults"] = x.get("gen_over_capacity")
         rows.append(row)
     return {"fault_mix": FAULT_MIX, "rows": rows}
 
@@ -1151,6 +1152,9 @@ def report(res: dict[str, Any]) -> tuple[str, float | None]:
                 r["concurrency"],
                 r.get("useful_over_capacity"),
                 r.get("useful_no_faults"),
+                r["gen_over_capacity"],
+                r.get("gen_no_faults"),
+                r["fill"],
                 r["summary"]["requests"],
                 sum(r["sim_faults"].values()),
                 r.get("retries"),
@@ -1171,7 +1175,10 @@ def report(res: dict[str, Any]) -> tuple[str, float | None]:
                     "profile",
                     "limit",
                     "useful/cap",
-                    "no faults",
+                    "(no faults)",
+                    "gen/cap",
+                    "(no faults)",
+                    "fill",
                     "requests",
                     "faults",
                     "retries",

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from dreamgen.record import Record
 from dreamgen.validate import Rejected
-
-if TYPE_CHECKING:
-    from dreamgen.scenario import Scenario
 
 BOILERPLATE = re.compile(
     r"\b(as an ai\b|as a language model|i'?m just an ai|i cannot assist|i can'?t assist"
@@ -27,46 +22,13 @@ PUSH_OPENERS = re.compile(
     re.IGNORECASE,
 )
 WORD = re.compile(r"[a-z0-9']+")
-STOP = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "to",
-        "of",
-        "and",
-        "or",
-        "in",
-        "on",
-        "for",
-        "with",
-        "it",
-        "is",
-        "be",
-        "this",
-        "that",
-        "you",
-        "your",
-        "we",
-        "i",
-        "me",
-        "my",
-        "at",
-        "as",
-        "by",
-        "so",
-        "if",
-        "do",
-        "just",
-        "can",
-        "will",
-        "would",
-        "could",
-        "should",
-        "it's",
-        "that's",
-    ]
-)
+# fmt: off
+STOP = frozenset([
+    "a", "an", "the", "to", "of", "and", "or", "in", "on", "for", "with", "it", "is", "be",
+    "this", "that", "you", "your", "we", "i", "me", "my", "at", "as", "by", "so", "if", "do",
+    "just", "can", "will", "would", "could", "should", "it's", "that's",
+])
+# fmt: on
 MIN_CHARS = 12
 
 # Placeholder text instead of content: "<the user's first message>", "[insert name]",
@@ -90,32 +52,14 @@ ECHO = re.compile(
     re.IGNORECASE,
 )
 # A whole message that is only a label from the prompt ("Situation", "Topic", "Opening").
-LABELS = frozenset(
-    [
-        "situation",
-        "topic",
-        "setting",
-        "opening",
-        "exchanges",
-        "idea",
-        "cue",
-        "listening",
-        "reflex",
-        "direction",
-        "example",
-        "json",
-        "user",
-        "assistant",
-        "before",
-        "after",
-        "kind",
-        "difficulty",
-        "momentum",
-        "mood",
-    ]
-)
+# fmt: off
+LABELS = frozenset([
+    "situation", "topic", "setting", "opening", "exchanges", "idea", "cue", "listening",
+    "reflex", "direction", "example", "json", "user", "assistant", "before", "after", "kind",
+    "difficulty", "momentum", "mood",
+])
+# fmt: on
 ECHO_NGRAM = 5  # words: a run this long copied from the instructions is an echo
-COPY_NGRAM = 8  # words: a run this long taken from a worked example is a copy
 
 
 def _ngrams(text: str, n: int = ECHO_NGRAM) -> set[tuple[str, ...]]:
@@ -126,26 +70,6 @@ def _ngrams(text: str, n: int = ECHO_NGRAM) -> set[tuple[str, ...]]:
         if sum(w not in STOP for w in gram) >= n // 2:
             out.add(gram)
     return out
-
-
-_EXAMPLE_GRAMS: dict[int, tuple[Sequence[Scenario], frozenset[tuple[str, ...]]]] = {}
-
-
-def example_ngrams(examples: Sequence[Scenario]) -> frozenset[tuple[str, ...]]:
-    """Word n-grams of the worked examples (cached per example list)."""
-    hit = _EXAMPLE_GRAMS.get(id(examples))
-    if hit is not None and hit[0] is examples:
-        return hit[1]
-    grams: set[tuple[str, ...]] = set()
-    for ex in examples:
-        texts = [ex.opening, ex.listening, ex.reflex]
-        texts += [t for e in ex.exchanges for t in (e.assistant, e.user)]
-        texts += [ex.idea_turn.before + ex.idea_turn.idea + ex.idea_turn.after]
-        texts += [ex.decision_turn.before + ex.decision_turn.cue + ex.decision_turn.after]
-        for text in texts:
-            grams |= _ngrams(text, COPY_NGRAM)
-    _EXAMPLE_GRAMS[id(examples)] = (examples, frozenset(grams))
-    return frozenset(grams)
 
 
 @lru_cache(maxsize=1)
@@ -202,22 +126,8 @@ def check_repeats(texts: list[str]) -> None:
         seen.add(key)
 
 
-def check_copies(texts: list[str], examples: Sequence[Scenario]) -> None:
-    """Reject a conversation that copies a run of words from a worked example (the small
-    model leans on the example in its prompt instead of writing about its own topic)."""
-    grams = example_ngrams(examples)
-    for text in texts:
-        copied = _ngrams(text, COPY_NGRAM) & grams
-        if copied:
-            phrase = " ".join(min(copied))
-            raise Rejected("copied_example", f"copies a worked example: {phrase!r}")
-
-
-def check(record: Record, examples: Sequence[Scenario] = ()) -> None:
-    """Raise ``Rejected`` if the record fails a rule filter.
-
-    ``examples``: the worked examples shown in prompts; text copied from them is rejected.
-    """
+def check(record: Record) -> None:
+    """Raise ``Rejected`` if the record fails a rule filter."""
     for msg in (record.target, record.contrast):
         if len(msg.content.strip()) < MIN_CHARS:
             raise Rejected("too_short", f"a response is under {MIN_CHARS} characters")
@@ -231,8 +141,6 @@ def check(record: Record, examples: Sequence[Scenario] = ()) -> None:
     texts = [m.content for m in record.messages] + [record.target.content, record.contrast.content]
     check_echo(texts)
     check_repeats(texts)
-    if examples:
-        check_copies(texts, examples)
     target = record.target.content
     if PUSH_OPENERS.search(target):
         raise Rejected("listening_pushes_idea", "the listening response opens with an alternative")

@@ -6,7 +6,7 @@ the LLM, and every label stays exact:
 
 - ``cue_removed``: every cue span is cut out of its turn (the decision turn becomes its
   ``before`` + ``after``). No cue is left to label; target and contrast stay as they were,
-  and ``quality["target_follows"]`` says the target now follows a direction that is gone.
+  and ``quality.target_follows`` says the target now follows a direction that is gone.
 - ``cue_contradicted``: the decision turn's cue is replaced by a phrase that turns the user
   toward the assistant's idea ("Actually, go with your idea."), labelled as the new cue;
   cues elsewhere are cut out. What was the reflex (it pushes the idea) becomes the target
@@ -158,7 +158,8 @@ def _contradicted(record: Record, primary: Span) -> Record | None:
         messages.append(Message(role=m.role, content=content))
         cue = Span(message=dec, start=s0, end=s1, kind=CONTRADICTED_KIND, text=phrase)
     assert cue is not None
-    distractors = [d for d in record.distractors if isinstance(d.message, int)]
+    # Target and contrast swap below: keep only distractors in the context messages.
+    distractors = [d for d in record.distractors if d.message < len(record.messages)]
     axes = record.axes.model_copy(update={"cue_kind": CONTRADICTED_KIND})
     return _make(
         record,

@@ -32,7 +32,7 @@ from dreamgen.record import Record, split_for
 from dreamgen.scenario import response_format
 from dreamgen.store import Store
 from dreamgen.validate import Rejected, validate
-from dreamgen.vllm import Gate
+from dreamgen.vllm import Gate, wait_event
 
 log = logging.getLogger("dreamgen.pipeline")
 
@@ -356,8 +356,7 @@ class Run:
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake at once on stop or failure."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), seconds)
+        await wait_event(self._wakeup, seconds)
 
     async def run(self, grace_s: float = 30.0) -> Summary:
         """Generate until the target is reached or ``stop`` is called; returns the summary."""
@@ -482,7 +481,7 @@ class Run:
                 engine=engine.name,
                 sampling=sampling,
             )
-            filters.check(record, self.cards.examples)
+            filters.check(record)
             record.split = split_for(record.group_id, self.config.splits)
             key, mh = self.dedup.signature(conversation_text(record))
             reason = self.dedup.check(key, mh, record)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -36,10 +36,13 @@ class Message(_Model):
 class Span(_Model):
     """An exact character span: ``text == content[start:end]`` of the message it names.
 
-    ``message`` is an index into ``messages``, or ``"target"`` / ``"contrast"``.
+    ``message`` indexes the whole exchange, ``messages + [target, contrast]``: below
+    ``len(messages)`` a context message, ``len(messages)`` the target and
+    ``len(messages) + 1`` the contrast. (Always an int: every field keeps one JSON type,
+    so shards load with Arrow/``datasets`` without a per-file schema clash.)
     """
 
-    message: int | Literal["target", "contrast"]
+    message: Annotated[int, Field(ge=0)]
     start: Annotated[int, Field(ge=0)]
     end: Annotated[int, Field(ge=0)]
     kind: str
@@ -56,6 +59,30 @@ class Axes(_Model):
     momentum: Momentum
 
 
+class Sampling(_Model):
+    """The sampling parameters a record was generated with (-1 / 0.0 / 1.0: not sent)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 0
+    seed: int = -1
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+class Quality(_Model):
+    """Checks and notes attached to a record; fixed fields so every shard has one schema."""
+
+    labels_agree: bool = True  # the model's own kind labels match the requested axes
+    model_cue_kind: str = ""
+    model_distractor_kind: str = ""
+    pair_of: str = ""  # minimal pairs: the record this is a variant of
+    variant: str = ""
+    target_follows: str = ""
+    replaced_cue: str = ""
+
+
 class Provenance(_Model):
     """How the record was made, enough to reproduce or audit it."""
 
@@ -63,10 +90,10 @@ class Provenance(_Model):
     prompt_hash: str
     model: str
     engine: str
-    sampling: dict[str, Any] = {}
+    sampling: Sampling = Sampling()
     dreamgen_version: str
     created_at: float
-    operator: str | None = None  # the evolution operator that made this child, if any
+    operator: str = ""  # the evolution operator that made this child, if any
 
 
 class Record(_Model):
@@ -83,20 +110,30 @@ class Record(_Model):
     difficulty: Annotated[int, Field(ge=1, le=5)]
     split: Split = "train"
     group_id: str
-    parent_id: str | None = None
+    parent_id: str = ""  # "" for a root scenario
     generation: Annotated[int, Field(ge=0)] = 0
     mode: Mode = "directed"
-    minimal_pair: Literal["cue_removed", "cue_contradicted"] | None = None
+    minimal_pair: Literal["", "cue_removed", "cue_contradicted"] = ""
     provenance: Provenance
-    quality: dict[str, Any] = {}
+    quality: Quality = Quality()
 
-    def content_of(self, message: int | str) -> str:
+    @property
+    def target_index(self) -> int:
+        """The ``Span.message`` value that names the target response."""
+        return len(self.messages)
+
+    @property
+    def contrast_index(self) -> int:
+        """The ``Span.message`` value that names the contrast response."""
+        return len(self.messages) + 1
+
+    def content_of(self, message: int) -> str:
         """The text a span's ``message`` field points at."""
-        if message == "target":
+        n = len(self.messages)
+        if message == n:
             return self.target.content
-        if message == "contrast":
+        if message == n + 1:
             return self.contrast.content
-        assert isinstance(message, int)
         return self.messages[message].content
 
     @model_validator(mode="after")
@@ -111,7 +148,7 @@ class Record(_Model):
         if _norm(self.target.content) == _norm(self.contrast.content):
             raise ValueError("target and contrast are identical")
         for span in self.cues + self.distractors:
-            if isinstance(span.message, int) and not 0 <= span.message < len(self.messages):
+            if not 0 <= span.message <= self.contrast_index:
                 raise ValueError(f"span message index {span.message} out of range")
             content = self.content_of(span.message)
             if not (0 <= span.start < span.end <= len(content)):
@@ -119,12 +156,13 @@ class Record(_Model):
             if content[span.start : span.end] != span.text:
                 raise ValueError(f"span text {span.text!r} != message[{span.start}:{span.end}]")
         for span in self.cues:
-            if not isinstance(span.message, int) or self.messages[span.message].role != "user":
+            if span.message >= len(self.messages) or self.messages[span.message].role != "user":
                 raise ValueError("a cue must lie in a user turn")
         for span in self.distractors:
-            if span.message == "target":
+            if span.message == self.target_index:
                 raise ValueError("a distractor cannot lie in the target response")
-            if isinstance(span.message, int) and self.messages[span.message].role != "assistant":
+            n = len(self.messages)
+            if span.message < n and self.messages[span.message].role != "assistant":
                 raise ValueError("a distractor must lie in an assistant turn or the contrast")
         return self
 

@@ -205,9 +205,10 @@ def encode(
     distractor_mask = [0] * n
     for spans, mask in ((record.cues, cue_mask), (record.distractors, distractor_mask)):
         for span in spans:
-            if span.message == "target" or (span.message == "contrast" and target != "contrast"):
+            in_response = span.message >= len(record.messages)
+            if span.message == record.target_index or (in_response and target != "contrast"):
                 continue
-            base = starts[-1] if isinstance(span.message, str) else starts[span.message]
+            base = starts[-1] if in_response else starts[span.message]
             tokens = _token_range(offsets, base + span.start, base + span.end)
             if not tokens and base + span.start < end_of_text:
                 raise EncodeError(f"record {record.id}: span {span.text!r} maps to no tokens")

@@ -14,7 +14,16 @@ from pydantic import ValidationError
 
 from dreamgen import __version__
 from dreamgen.planner import Request
-from dreamgen.record import Axes, Message, Provenance, Record, Span, content_id
+from dreamgen.record import (
+    Axes,
+    Message,
+    Provenance,
+    Quality,
+    Record,
+    Sampling,
+    Span,
+    content_id,
+)
 from dreamgen.scenario import Scenario, UndirectedScenario
 from dreamgen.spans import find_quote
 
@@ -33,7 +42,6 @@ REASONS = (
     "placeholder",  # filters: placeholder text instead of content
     "echoed_prompt",  # filters: the prompt's own instructions copied as content
     "repeated_turn",  # filters: a message repeats another word for word
-    "copied_example",  # filters: a run of words copied from a worked example
     "too_short",
     "duplicate",
     "near_duplicate",
@@ -167,16 +175,18 @@ def label(
         prompt_hash=request.prompt_hash if request else "",
         model=model,
         engine=engine,
-        sampling=sampling or {},
+        sampling=Sampling.model_validate(
+            {k: v for k, v in (sampling or {}).items() if k in Sampling.model_fields}
+        ),
         dreamgen_version=__version__,
         created_at=round(time.time(), 3),
-        operator=request.operator if request else None,
+        operator=(request.operator if request else None) or "",
     )
-    quality = {
-        "model_cue_kind": dec.kind,
-        "model_distractor_kind": idea.kind,
-        "labels_agree": dec.kind == axes.cue_kind and idea.kind == axes.distractor_kind,
-    }
+    quality = Quality(
+        model_cue_kind=dec.kind,
+        model_distractor_kind=idea.kind,
+        labels_agree=dec.kind == axes.cue_kind and idea.kind == axes.distractor_kind,
+    )
     try:
         return Record(
             id=rid,
@@ -188,7 +198,7 @@ def label(
             axes=axes,
             difficulty=difficulty,
             group_id=(request.group_id if request else None) or rid,
-            parent_id=request.parent_id if request else None,
+            parent_id=(request.parent_id if request else None) or "",
             generation=request.generation if request else 0,
             mode=request.mode if request else "undirected",
             provenance=prov,
@@ -211,18 +221,17 @@ def _quotes(
     after: dict[int, int] = {}
     for q in quotes:
         if q.turn == -1 and role == "assistant":
-            index: int | str = "contrast"
+            index = len(messages) + 1  # the contrast (see Span.message)
             content = contrast.content
         elif 0 <= q.turn < len(messages) and messages[q.turn].role == role:
             index = q.turn
             content = messages[q.turn].content
         else:
             raise Rejected("bad_turn_index", f"turn {q.turn} is not a {role} turn")
-        key = -1 if index == "contrast" else int(index)
-        hit = find_quote(content, q.quote, after.get(key, 0))
+        hit = find_quote(content, q.quote, after.get(index, 0))
         if hit is None:
             raise Rejected(reason, f"{q.quote[:60]!r} does not occur in turn {q.turn}")
-        after[key] = hit[1]
+        after[index] = hit[1]
         spans.append(
             Span(
                 message=index, start=hit[0], end=hit[1], kind=q.kind, text=content[hit[0] : hit[1]]

@@ -49,6 +49,21 @@ class EngineUnavailable(EngineError):
     """No server is healthy right now (an outage): the request was not sent."""
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` up to ``timeout`` seconds; True if it was set.
+
+    ``asyncio.timeout``, not ``wait_for``: on Python 3.11 a ``wait_for`` whose timeout
+    fires as the task is cancelled can swallow the cancellation, and a loop around it
+    then never ends.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+        return True
+    except TimeoutError:
+        return False
+
+
 def _event(level: int, event: str, msg: str, *args: Any, **fields: Any) -> None:
     log.log(level, msg, *args, extra={"event": event, "fields": fields})
 
@@ -616,8 +631,7 @@ class ServerEngine:
                 self._after_probes()
             wait = min(r.next_check for r in self.replicas) - time.monotonic()
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.05, wait))
+            await wait_event(self._wake, max(0.05, wait))
 
 
 # ---------------------------------------------------------------------------------------
@@ -807,8 +821,7 @@ class Launcher:
                 "launched server exited with code %s after %.1fs; restarting in %.1fs",
                 code, ran, delay, code=code, ran_s=round(ran, 2), restart_in_s=round(delay, 2),
             )  # fmt: skip
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_event.wait(), delay)
+            await wait_event(self._stop_event, delay)
             if self._stopping:
                 break
             try:
@@ -851,7 +864,8 @@ class Launcher:
         grace = self.stop_grace_s if grace_s is None else grace_s
         _signal_group(proc.pid, signal.SIGTERM)
         try:
-            code = await asyncio.wait_for(proc.wait(), grace)
+            async with asyncio.timeout(grace):
+                code = await proc.wait()
         except TimeoutError:
             _event(
                 logging.WARNING, "server_killed",

@@ -46,11 +46,11 @@ def test_pairs_share_the_group_and_keep_labels_exact(parent: Record) -> None:
         assert variant.group_id == parent.group_id and variant.parent_id == parent.id
         assert variant.split == parent.split and variant.generation == parent.generation
         assert variant.id != parent.id
-        assert variant.quality["pair_of"] == parent.id
+        assert variant.quality.pair_of == parent.id
         # Everything before the decision turn is untouched, token for token.
         assert variant.messages[:-1] == parent.messages[:-1]
-        assert [d for d in variant.distractors if d.message != "contrast"] == [
-            d for d in parent.distractors if d.message != "contrast"
+        assert [d for d in variant.distractors if d.message < len(variant.messages)] == [
+            d for d in parent.distractors if d.message < len(parent.messages)
         ]
     assert removed.minimal_pair == "cue_removed"
     assert contradicted.minimal_pair == "cue_contradicted"
@@ -67,7 +67,7 @@ def test_cue_removed(parent: Record) -> None:
     after = original[cue.end :].strip()
     assert decision.endswith(after) if after else True
     assert removed.target == parent.target and removed.contrast == parent.contrast
-    assert removed.quality["target_follows"] == "removed_direction"
+    assert removed.quality.target_follows == "removed_direction"
 
 
 def test_cue_contradicted(parent: Record) -> None:
@@ -78,7 +78,7 @@ def test_cue_contradicted(parent: Record) -> None:
     assert cue.kind == "explicit_instruction" == flip.axes.cue_kind
     # The direction now points at the idea: the old reflex is the target.
     assert flip.target == parent.contrast and flip.contrast == parent.target
-    assert flip.quality["replaced_cue"] == parent.cues[0].text
+    assert flip.quality.replaced_cue == parent.cues[0].text
     # The idea span is still labelled where it was.
     assert flip.distractors[0] == parent.distractors[0]
 
@@ -184,37 +184,6 @@ def test_a_repeated_turn_is_rejected(scenario: Scenario) -> None:
     with pytest.raises(Rejected) as info:
         filters.check(rec)
     assert info.value.reason == "repeated_turn"
-
-
-def test_copying_a_worked_example_is_rejected(cards: CardSet, scenario: Scenario) -> None:
-    other = cards.examples[-1]
-    assert other.opening != scenario.opening
-    copied = scenario.model_copy(update={"opening": "Quick one. " + other.opening})
-    rec = record_of(copied)
-    filters.check(rec)  # without the examples, nothing to compare against
-    with pytest.raises(Rejected) as info:
-        filters.check(rec, cards.examples)
-    assert info.value.reason == "copied_example"
-    # Short shared phrases are fine: only a run of eight words counts as a copy.
-    ok = scenario.model_copy(update={"opening": "My export script chokes on a quoted field."})
-    with pytest.raises(Rejected):  # the fixture itself is a worked example
-        filters.check(record_of(scenario), cards.examples)
-    fresh = record_of(
-        ok.model_copy(
-            update={
-                "exchanges": [],
-                "idea_turn": ok.idea_turn.model_copy(
-                    update={"before": "Hm. ", "idea": "We could switch to polars.", "after": ""}
-                ),
-                "decision_turn": ok.decision_turn.model_copy(
-                    update={"before": "", "cue": "Stay with csv, please.", "after": ""}
-                ),
-                "listening": "Then pass newline='' to open() and the quoted field parses.",
-                "reflex": "Sure, though polars would read it faster and infer the types too.",
-            }
-        )
-    )
-    filters.check(fresh, cards.examples)
 
 
 # -- end to end on the embedded model ------------------------------------------------------

@@ -162,13 +162,6 @@ def test_hf_datasets_loads_the_shards(evolving_build, tmp_path: Path) -> None:
     assert ds.num_rows == 20 and set(ds.column_names) >= {"messages", "cues", "split"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="JSON types vary between shards (here parent_id: null in every record of the "
-    "first shard, a string later; likewise free-form quality/sampling keys and Span.message "
-    "int|str): datasets infers a schema per file and cannot cast; needs a type-stable "
-    "Record contract (record.py)",
-)
 def test_hf_datasets_loads_a_store_whose_shards_differ_in_types(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     out = tmp_path / "out"

@@ -52,7 +52,7 @@ def make_record(
     def span(where: int | str, text: str) -> dict[str, object]:
         start = contents[where].index(text)
         return {
-            "message": where,
+            "message": len(messages) + 1 if where == "contrast" else where,
             "start": start,
             "end": start + len(text),
             "kind": "k",
