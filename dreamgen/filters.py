@@ -12,7 +12,6 @@ from dreamgen.validate import Rejected
 BOILERPLATE = re.compile(
     r"\b(as an ai\b|as a language model|i'?m just an ai|i cannot assist|i can'?t assist"
     r"|i'?m sorry, but i)",
-    re.IGNORECASE,
 )
 # Openers that pitch an alternative instead of following the user.
 PUSH_OPENERS = re.compile(
@@ -35,9 +34,9 @@ MIN_CHARS = 12
 # template braces, lorem ipsum, a bare ellipsis.
 PLACEHOLDER = re.compile(
     r"<[a-z']+(?: [a-z']+){2,}>|\[(?:insert|your|name of|placeholder|user|assistant)\b[^\]]{0,40}\]"
-    r"|\{\{|\}\}|\blorem ipsum\b|^\W*(?:\.\.\.|…|tbd|todo|n/a|none|null)\W*$",
-    re.IGNORECASE,
+    r"|\{\{|\}\}|\blorem ipsum\b"
 )
+BARE = re.compile(r"\W*(?:\.\.\.|…|tbd|todo|n/a|none|null)\W*")
 # The prompt's own vocabulary written as conversation: field names, snake_case labels,
 # words that only describe the format. The 135M model copies literal prompt phrases
 # (it once wrote "The user's first message" as the opening).
@@ -49,7 +48,6 @@ ECHO = re.compile(
     r"|scope_creep|premature_optimization|unsolicited_refactor|winding_down"
     r"|systems_programming|ml_research|data_engineering|web_development|writing_editing"
     r"|everyday_life))\b",
-    re.IGNORECASE,
 )
 # A whole message that is only a label from the prompt ("Situation", "Topic", "Opening").
 # fmt: off
@@ -90,22 +88,32 @@ def instruction_ngrams() -> frozenset[tuple[str, ...]]:
     return frozenset(grams)
 
 
-def check_echo(texts: list[str]) -> None:
-    """Reject placeholders and instruction text copied into the conversation."""
+def check_echo(texts: list[str], words: list[list[str]] | None = None) -> None:
+    """Reject placeholders and instruction text copied into the conversation.
+
+    ``words`` (each text's ``WORD`` tokens, lowercased) may be passed in to share the work.
+    """
     grams = instruction_ngrams()
-    for text in texts:
-        hit = PLACEHOLDER.search(text)
-        if hit:
-            raise Rejected("placeholder", f"placeholder text {hit.group(0)[:40]!r}")
-        if " ".join(WORD.findall(text.lower())) in LABELS:
+    words = words or [WORD.findall(t.lower()) for t in texts]
+    n = ECHO_NGRAM
+    # One regex pass over all texts (lowercased) rather than one per text per pattern.
+    joined = "\n".join(texts).lower()
+    hit = PLACEHOLDER.search(joined)
+    if hit:
+        raise Rejected("placeholder", f"placeholder text {hit.group(0)[:40]!r}")
+    hit = ECHO.search(joined)
+    if hit:
+        raise Rejected("echoed_prompt", f"prompt vocabulary {hit.group(0)!r} in a message")
+    for text, ws in zip(texts, words, strict=True):
+        if BARE.fullmatch(text.lower()):
+            raise Rejected("placeholder", f"placeholder text {text.strip()[:40]!r}")
+        if " ".join(ws) in LABELS:
             raise Rejected("echoed_prompt", f"a message is only the prompt label {text.strip()!r}")
-        hit = ECHO.search(text)
-        if hit:
-            raise Rejected("echoed_prompt", f"prompt vocabulary {hit.group(0)!r} in a message")
-        copied = _ngrams(text) & grams
-        if copied:
-            phrase = " ".join(min(copied))
-            raise Rejected("echoed_prompt", f"copies the instructions: {phrase!r}")
+        # Membership per position, not a set of this text's n-grams: the hot path.
+        for i in range(len(ws) - n + 1):
+            gram = tuple(ws[i : i + n])
+            if gram in grams:
+                raise Rejected("echoed_prompt", f"copies the instructions: {' '.join(gram)!r}")
 
 
 def _content_words(text: str) -> set[str]:
@@ -116,11 +124,12 @@ def _first_sentence(text: str) -> str:
     return re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0]
 
 
-def check_repeats(texts: list[str]) -> None:
+def check_repeats(texts: list[str], words: list[list[str]] | None = None) -> None:
     """Reject a conversation in which one message repeats another word for word."""
     seen: set[str] = set()
-    for text in texts:
-        key = " ".join(WORD.findall(text.lower()))
+    words = words or [WORD.findall(t.lower()) for t in texts]
+    for text, ws in zip(texts, words, strict=True):
+        key = " ".join(ws)
         if key and key in seen:
             raise Rejected("repeated_turn", f"a message repeats another: {text[:50]!r}")
         seen.add(key)
@@ -131,16 +140,13 @@ def check(record: Record) -> None:
     for msg in (record.target, record.contrast):
         if len(msg.content.strip()) < MIN_CHARS:
             raise Rejected("too_short", f"a response is under {MIN_CHARS} characters")
-    for text in [m.content for m in record.messages] + [
-        record.target.content,
-        record.contrast.content,
-    ]:
-        hit = BOILERPLATE.search(text)
-        if hit:
-            raise Rejected("boilerplate", f"contains {hit.group(0)!r}")
     texts = [m.content for m in record.messages] + [record.target.content, record.contrast.content]
-    check_echo(texts)
-    check_repeats(texts)
+    hit = BOILERPLATE.search("\n".join(texts).lower())
+    if hit:
+        raise Rejected("boilerplate", f"contains {hit.group(0)!r}")
+    words = [WORD.findall(t.lower()) for t in texts]
+    check_echo(texts, words)
+    check_repeats(texts, words)
     target = record.target.content
     if PUSH_OPENERS.search(target):
         raise Rejected("listening_pushes_idea", "the listening response opens with an alternative")
