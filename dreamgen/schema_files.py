@@ -17,7 +17,12 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 def render() -> dict[str, bytes]:
     """File name → schema JSON, for every contract dreamgen publishes."""
-    models: dict[str, type[BaseModel]] = {"record": Record, "card": Card, "config": Config, **SCHEMAS}
+    models: dict[str, type[BaseModel]] = {
+        "record": Record,
+        "card": Card,
+        "config": Config,
+        **SCHEMAS,
+    }
     return {
         f"{name}.schema.json": orjson.dumps(
             model.model_json_schema(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
