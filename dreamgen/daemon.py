@@ -250,6 +250,9 @@ class Daemon:
         except EngineError as exc:  # a non-server engine that cannot start (vllm missing)
             event(logging.ERROR, "error", "engine failed: %s", exc, error=str(exc))
             code = 2
+        except Exception as exc:  # a bug: the store is closed (Run.run's finally); say so
+            log.exception("crashed: %s", exc, extra={"event": "crash", "fields": {}})
+            code = 1
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)

@@ -113,7 +113,6 @@ def derive(record: Record, kinds: Sequence[PairKind] = KINDS) -> list[Record]:
 def _removed(record: Record) -> Record | None:
     by_msg: dict[int, list[Span]] = {}
     for c in record.cues:
-        assert isinstance(c.message, int)
         by_msg.setdefault(c.message, []).append(c)
     messages = [
         Message(role=m.role, content=_cut(m.content, by_msg[i]) if i in by_msg else m.content)
@@ -183,7 +182,7 @@ def _make(
     contrast: Message,
     cues: list[Span],
     distractors: list[Span],
-    quality: dict[str, object],
+    quality: dict[str, str],
     axes: Axes | None = None,
 ) -> Record | None:
     prov = parent.provenance.model_copy(
@@ -206,7 +205,9 @@ def _make(
             mode="minimal_pair",
             minimal_pair=kind,
             provenance=prov,
-            quality={"pair_of": parent.id, "variant": kind, **quality},
+            quality=parent.quality.model_copy(
+                update={"pair_of": parent.id, "variant": kind, **quality}
+            ),
         )
     except ValidationError:
         return None  # e.g. an edit left the turn unreadable to the validator: skip it

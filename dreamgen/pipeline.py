@@ -460,7 +460,9 @@ class Run:
             s.engine_errors += 1
             if getattr(engine, "ready", True):
                 self.consecutive_errors += 1  # during an outage the engine's own state rules
-            log.warning("engine error: %s", exc)
+                log.warning("engine error: %s", exc)
+            else:  # the outage itself is logged once, by the engine
+                log.debug("engine error during an outage: %s", exc)
             if self.consecutive_errors >= 8 and not self.tolerate_outages:
                 self._fail(exc)
             return

@@ -18,7 +18,7 @@ from dreamgen.record import Record
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def dreamgen(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def dreamgen(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "dreamgen", *args],
         capture_output=True,

@@ -231,13 +231,13 @@ def test_dream_loop_end_to_end_on_the_embedded_model(tmp_path: Path) -> None:
     assert modes == {"directed": 1, "evolved": 1, "undirected": 1}
     for r in scenarios:
         if r.mode == "evolved":
-            parent = by_id[r.parent_id]  # type: ignore[index]
+            parent = by_id[r.parent_id]
             assert parent.mode != "minimal_pair"
             assert r.group_id == parent.group_id
             assert r.generation == parent.generation + 1
             assert r.provenance.operator is not None
         else:
-            assert r.parent_id is None and r.group_id == r.id and r.generation == 0
+            assert not r.parent_id and r.group_id == r.id and r.generation == 0
         if r.mode == "undirected":
             assert r.provenance.card == "undirected"
         else:
@@ -246,6 +246,6 @@ def test_dream_loop_end_to_end_on_the_embedded_model(tmp_path: Path) -> None:
     assert minimal, "minimal_pairs=1.0 derives pairs from every accepted record"
     assert first.minimal_pairs + second.minimal_pairs == len(minimal)
     for pair in minimal:
-        source = by_id[pair.parent_id]  # type: ignore[index]
+        source = by_id[pair.parent_id]
         assert pair.group_id == source.group_id and pair.split == source.split
         assert pair.minimal_pair in ("cue_removed", "cue_contradicted")

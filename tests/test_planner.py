@@ -169,7 +169,7 @@ def test_evolution_lineage_and_bounded_depth(cards: CardSet) -> None:
     evolved = [r for r in accepted if r.mode == "evolved"]
     assert len(evolved) > 30
     for child in evolved:
-        parent = by_id[child.parent_id]  # type: ignore[index]
+        parent = by_id[child.parent_id]
         assert child.group_id == parent.group_id
         assert child.generation == parent.generation + 1
         assert child.provenance.operator in {
@@ -182,10 +182,10 @@ def test_evolution_lineage_and_bounded_depth(cards: CardSet) -> None:
             "change_cue_kind",
         }
     assert max(r.generation for r in accepted) == 2  # bounded: gen-2 records never parent
-    assert all(by_id[r.parent_id].generation < 2 for r in evolved)  # type: ignore[index]
+    assert all(by_id[r.parent_id].generation < 2 for r in evolved)
     for r in accepted:
         if r.mode == "directed":
-            assert r.group_id == r.id and r.parent_id is None and r.generation == 0
+            assert r.group_id == r.id and not r.parent_id and r.generation == 0
     # The evolve prompt shows the parent in the answer format and names the change.
     request = next(r for r in issued if r.mode == "evolved")
     shown_parent = by_id[request.parent_id or ""]  # parents are accepted records only
