@@ -134,7 +134,12 @@ class Config(_Section):
     embedded_parallel: Annotated[int, Field(ge=1)] = 4
     request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     max_attempts: Annotated[int, Field(ge=1)] = 6
-    prompts: Path = PROMPTS_DIR
+    prompts: Path = Field(
+        PROMPTS_DIR,
+        description="seed cards folder; default: the library shipped in prompts/",
+        # The real default is absolute (found from any cwd); keep the published schema portable.
+        json_schema_extra={"default": "prompts"},
+    )
     sampling: SamplingConfig = SamplingConfig()
     plan: PlanConfig = PlanConfig()
     store: StoreConfig = StoreConfig()
