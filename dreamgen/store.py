@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from dreamgen import __version__
 from dreamgen.record import SCHEMA_VERSION, Record
@@ -493,23 +493,3 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
         elif a != b:
             changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return "; ".join(changes)
-
-
-def read_records(path: Path, *, strict: bool = True) -> Iterator[Record]:
-    """Records from a JSONL file, or from an output folder's closed shards."""
-    path = Path(path)
-    files = sorted((path / SHARDS).glob("part-*.jsonl")) if path.is_dir() else [path]
-    if path.is_dir() and not files:
-        files = sorted(path.glob("*.jsonl"))
-    for file in files:
-        with open(file, "rb") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield Record.model_validate_json(line)
-                except ValidationError as exc:
-                    if strict:
-                        raise StoreError(
-                            f"{file}:{n}: invalid record: {exc.errors()[0]['msg']}"
-                        ) from exc

@@ -18,8 +18,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
-
 from dreamgen.record import Record
 
 IGNORE_INDEX = -100
@@ -66,19 +64,10 @@ def model_source(model: str | Path) -> tuple[str, dict[str, Any]]:
 
 
 def read_records(path: str | Path) -> Iterator[Record]:
-    """Validated records from a JSONL file, or from a folder's ``shards/*.jsonl`` or ``*.jsonl``."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted((path / "shards").glob("*.jsonl")) or sorted(path.glob("*.jsonl"))
-        if not files:
-            raise FileNotFoundError(f"no *.jsonl files in {path} or {path / 'shards'}")
-    else:
-        files = [path]
-    for file in files:
-        with open(file, "rb") as f:
-            for line in f:
-                if line.strip():
-                    yield Record.model_validate(orjson.loads(line))
+    """Validated records from a JSONL file or an output folder (``dreamgen.read``)."""
+    from dreamgen.reader import read
+
+    return read(path)
 
 
 def _render(tokenizer: Any, conv: list[dict[str, str]], generation_prompt: bool) -> str:

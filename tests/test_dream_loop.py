@@ -15,9 +15,9 @@ from dreamgen.cards import CardSet
 from dreamgen.config import Config, SamplingConfig
 from dreamgen.pipeline import Run
 from dreamgen.planner import PlanConfig
+from dreamgen.reader import read as read_records
 from dreamgen.record import Record
 from dreamgen.scenario import Scenario, UndirectedScenario
-from dreamgen.store import read_records
 from dreamgen.validate import Rejected, label
 
 
