@@ -7,14 +7,12 @@ above the concurrency limit, because a pool smaller than the limit silently caps
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import importlib.util
 import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,17 +137,6 @@ class EmbeddedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def embedded_server(parallel: int = 4) -> Iterator[str]:
-    """Run the embedded server for the duration of a ``with`` block; yields its base URL."""
-    server = EmbeddedServer(parallel=parallel)
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -353,10 +340,3 @@ def _error_text(raw: bytes) -> str:
 def api_key_from_env(var: str) -> str | None:
     """The API key from environment variable ``var`` (keys never go in config files or logs)."""
     return os.environ.get(var) or None
-
-
-async def wait_closed(tasks: set[asyncio.Task[Any]]) -> None:
-    """Cancel and await ``tasks``; used when a run stops early."""
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
