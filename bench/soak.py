@@ -1,7 +1,7 @@
 """Crash soak: SIGKILL a real `dreamgen build` at seeded random moments, restart, check.
 
 Each cycle starts ``dreamgen build`` (the real CLI, in a fresh process) against a simulated
-vLLM server (``bench/vllm_sim.py``, its own process) and SIGKILLs it after a random delay
+vLLM server (``tests/fake_vllm.py``, its own process) and SIGKILLs it after a random delay
 drawn from a seeded RNG — during start-up and recovery, mid-generation, mid-flush,
 mid-rotation, mid-manifest. After the kills, one last run goes on to the target
 undisturbed. Then it checks the contract:
@@ -40,11 +40,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.vllm_sim import SimProcess  # noqa: E402
 from dreamgen.audit import audit  # noqa: E402
 from dreamgen.dedup import Dedup, conversation_text, exact_key  # noqa: E402
 from dreamgen.reader import read  # noqa: E402
 from dreamgen.store import MANIFEST, SHARDS  # noqa: E402
+from tests.fake_vllm import SimProcess  # noqa: E402
 
 # The CLI with one addition: every record the pipeline reports (on_record, after fsync)
 # is appended to argv[1] first. A property, so the CLI may still set its own callback.

@@ -13,19 +13,41 @@ Public API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 import asyncio
 import concurrent.futures
+import importlib
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dreamgen.config import Config, ConfigError, load_config
-from dreamgen.engines import EngineError
 from dreamgen.record import Record, Span
 from dreamgen.validate import Rejected, validate
+from dreamgen.version import __version__
+
+if TYPE_CHECKING:
+    from dreamgen.config import Config, ConfigError, load_config
+    from dreamgen.engines import EngineError
+
+# The serving side's names resolve on first use (PEP 562), so that ``import
+# dreamgen.training`` does not load aiohttp, jinja2 or tenacity. (``validate`` is imported
+# eagerly: it is light, and the function must shadow the submodule of the same name.)
+_LAZY = {
+    "Config": "dreamgen.config",
+    "ConfigError": "dreamgen.config",
+    "load_config": "dreamgen.config",
+    "EngineError": "dreamgen.engines",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dreamgen' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Config",
@@ -44,6 +66,8 @@ __all__ = [
 
 
 def _config(config: Config | None, overrides: dict[str, Any]) -> Config:
+    from dreamgen.config import Config
+
     base = (config or Config()).model_dump()
     base.update({k: v for k, v in overrides.items() if v is not None})
     return Config.model_validate(base)

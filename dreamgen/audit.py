@@ -6,6 +6,11 @@ content hash, duplicate ids, duplicate content (normalised text), and split leak
 folder also the manifest: every closed shard listed with its record count and sha256,
 nothing listed that is missing, and the totals. The open shard (``*.jsonl.open``, a run
 in progress or interrupted) is not part of the dataset and is not checked.
+
+A live writer is tolerated: the manifest is read once, before the shards are listed (a
+shard is renamed into place before the manifest that lists it is written), and a shard
+closed after that snapshot, while the folder's lock is held, is checked as records but not
+reported as unlisted. Files in ``shards/`` that are not shards are reported, never read.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import orjson
 from pydantic import ValidationError
 
 from dreamgen.dedup import conversation_text, exact_key
-from dreamgen.reader import closed_shards
+from dreamgen.diskio import file_sha256, folder_locked
+from dreamgen.errors import first_error
 from dreamgen.record import SCHEMA_VERSION, Record, Split, content_id, split_for
-from dreamgen.store import MANIFEST, SHARDS, file_sha256
+from dreamgen.shards import SHARDS, closed_shards, shard_index, stray_files
+from dreamgen.store import MANIFEST
 
 
 def audit(path: Path) -> tuple[int, list[str]]:
@@ -27,18 +34,28 @@ def audit(path: Path) -> tuple[int, list[str]]:
     path = Path(path)
     problems: list[str] = []
     manifest: dict[str, Any] | None = None
+    live = False
     if path.is_dir():
-        files = closed_shards(path) if (path / SHARDS).is_dir() else sorted(path.glob("*.jsonl"))
+        # The manifest first: every shard it lists is on disk by then (see the docstring).
         if (path / MANIFEST).exists():
-            try:
-                manifest = orjson.loads((path / MANIFEST).read_bytes())
-            except orjson.JSONDecodeError as exc:
-                problems.append(f"{MANIFEST}: invalid JSON: {exc}")
+            manifest, problem = _read_manifest(path / MANIFEST)
+            problems += problem
+        live = folder_locked(path)
+        is_out = (path / SHARDS).is_dir()
+        files = closed_shards(path) if is_out else sorted(path.glob("*.jsonl"))
+        if is_out:
+            problems += [
+                f"{SHARDS}/{p.name}: not a shard (readers globbing *.jsonl would read it)"
+                for p in stray_files(path)
+            ]
     elif path.exists():
         files = [path]
     else:
         return 0, [f"{path}: no such file or folder"]
-    ratios = (manifest or {}).get("config", {}).get("splits") or None
+    config = (manifest or {}).get("config")
+    ratios = config.get("splits") if isinstance(config, dict) else None
+    if not (isinstance(ratios, dict) and ratios):
+        ratios = None
     seen: dict[str, str] = {}
     contents: dict[bytes, str] = {}
     groups: dict[str, tuple[str, str]] = {}
@@ -58,16 +75,29 @@ def audit(path: Path) -> tuple[int, list[str]]:
                     problems.append(f"{where}: invalid JSON: {exc}")
                     continue
                 except ValidationError as exc:
-                    err = exc.errors()[0]
-                    loc = ".".join(str(p) for p in err["loc"]) or "record"
-                    problems.append(f"{where}: {loc}: {err['msg'].removeprefix('Value error, ')}")
+                    problems.append(f"{where}: {first_error(exc, 'record')}")
                     continue
                 valid += 1
                 problems += _check_record(record, where, seen, contents, groups, ratios)
         counts[file.name] = n_lines
     if manifest is not None:
-        problems += _check_manifest(path, manifest, counts)
+        try:
+            problems += _check_manifest(path, manifest, counts, live)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            problems.append(f"{MANIFEST}: not a dreamgen manifest ({type(exc).__name__}: {exc})")
     return valid, problems
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    try:
+        data = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        return None, [f"{MANIFEST}: invalid JSON: {exc}"]
+    except OSError as exc:
+        return None, [f"{MANIFEST}: cannot read: {exc.strerror or exc}"]
+    if not isinstance(data, dict):
+        return None, [f"{MANIFEST}: not a JSON object"]
+    return data, []
 
 
 def _check_record(
@@ -103,13 +133,15 @@ def _check_record(
     return problems
 
 
-def _check_manifest(out: Path, manifest: dict[str, Any], counts: dict[str, int]) -> list[str]:
+def _check_manifest(
+    out: Path, manifest: dict[str, Any], counts: dict[str, int], live: bool
+) -> list[str]:
     problems = []
     if manifest.get("schema_version") not in (None, SCHEMA_VERSION):
         problems.append(
             f"{MANIFEST}: schema_version {manifest['schema_version']}, expected {SCHEMA_VERSION}"
         )
-    listed = {s["name"]: s for s in manifest.get("shards", [])}
+    listed = {s["name"]: s for s in manifest.get("shards") or []}
     for name, info in listed.items():
         shard = out / SHARDS / name
         if not shard.exists():
@@ -124,13 +156,19 @@ def _check_manifest(out: Path, manifest: dict[str, Any], counts: dict[str, int])
             problems.append(f"{MANIFEST}: {name} size differs from the manifest")
         elif file_sha256(shard) != info["sha256"]:
             problems.append(f"{MANIFEST}: {name} checksum differs from the manifest")
+    open_shard = manifest.get("open_shard") or {}
+    # With a writer live, shards from the one open at the snapshot on are newer than it.
+    newest = max((shard_index(n) for n in listed), default=-1) + 1
+    if open_shard.get("name"):
+        newest = max(newest, shard_index(open_shard["name"]))
     for name in counts:
+        if live and shard_index(name) >= newest:
+            continue
         if name not in listed:
             problems.append(
                 f"{MANIFEST}: closed shard {name} is not listed (an interrupted run? "
                 "resume it to bring the manifest up to date)"
             )
-    open_shard = manifest.get("open_shard") or {}
     expected = sum(s["records"] for s in listed.values()) + open_shard.get("records", 0)
     if manifest.get("records") is not None and manifest["records"] != expected:
         problems.append(

@@ -21,9 +21,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dreamgen.scenario import Scenario
-from dreamgen.taxonomy import CueKind, DistractorKind, Domain, Emotion, Momentum
+from dreamgen.taxonomy import CueKind, DistractorKind, Domain, Emotion, Momentum, Stakes
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
 # What the planner supplies to each template (``describe`` is always there); a card's own
 # template gets what a directed request has. `cards check` flags anything else.
@@ -56,6 +56,14 @@ class Card(BaseModel):
     difficulty: list[Annotated[int, Field(ge=1, le=5)]] = [1, 2, 3, 4, 5]
     examples: list[Scenario] = []
     template: str = "directed.j2"
+    # Direction vs correctness: per stakes value the card allows beyond "none", the concrete
+    # mistake or risk the user's direction carries in this situation (shown in the prompt).
+    stakes: dict[Stakes, Annotated[str, Field(min_length=10)]] = {}
+
+    @property
+    def stakes_allowed(self) -> list[str]:
+        """The stakes values a request from this card may ask for ("none" always)."""
+        return [Stakes.none.value, *(str(s) for s in self.stakes if s != Stakes.none)]
 
 
 class CardSet:
@@ -82,6 +90,12 @@ class CardSet:
     def examples(self) -> list[Scenario]:
         """Every card's examples: the rotating pool of worked examples for the system prompt."""
         return [ex for card in self.cards for ex in card.examples]
+
+    @cached_property
+    def examples_by_id(self) -> dict[str, Scenario]:
+        """The same pool keyed ``CARD#INDEX``, in the same order: a request names the one
+        it showed (``Request.example``)."""
+        return {f"{c.id}#{i}": ex for c in self.cards for i, ex in enumerate(c.examples)}
 
     @cached_property
     def fingerprint(self) -> str:
@@ -239,13 +253,16 @@ def _try_render(env: ImmutableSandboxedEnvironment, path: Path, card: Card) -> l
     )
     d = card.difficulty[0]
     try:
-        env.get_template(path.name).render(
-            describe=describe_value,
-            card=card,
-            axes=axes,
-            difficulty=d,
-            difficulty_text=DIFFICULTY[d],
-        )
+        # Once per stakes value the card allows: the stakes branch renders only then.
+        for stakes in card.stakes_allowed:
+            axes.stakes = Stakes(stakes)
+            env.get_template(path.name).render(
+                describe=describe_value,
+                card=card,
+                axes=axes,
+                difficulty=d,
+                difficulty_text=DIFFICULTY[d],
+            )
     except jinja2.TemplateError as exc:
         line = getattr(exc, "lineno", None)
         where = f":{line}" if line else ""

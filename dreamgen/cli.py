@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -35,7 +35,7 @@ out = Console()
 USER_ERRORS = (ConfigError, CardError, StoreError, EngineError)
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -115,6 +115,9 @@ def build(
     difficulty: Annotated[str | None, typer.Option(help="range like 1-3")] = None,
     schedule: Annotated[str | None, typer.Option(help="uniform | broad_to_subtle")] = None,
     force: Annotated[bool, typer.Option(help="continue an OUT built with another config")] = False,
+    repair: Annotated[
+        bool, typer.Option(help="move shards that fail verification to OUT/quarantine/")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     launch: Annotated[
         str | None, typer.Option(help='start and supervise a server: "vllm serve MODEL …"')
@@ -140,12 +143,23 @@ def build(
             "plan.schedule": schedule,
         },
     )
-    summary = run_with_progress(cfg, force=force, quiet=quiet)
+    summary = run_with_progress(cfg, force=force, quiet=quiet, repair=repair)
     data = summary.as_dict()
     out.print(summary_table(data))
     out.print(f"output: {cfg.out}")
+    _print_coverage_and_report(summary.coverage, cfg.out)
     if summary.stopped_by == "signal":
         raise typer.Exit(130)
+
+
+def _print_coverage_and_report(coverage: list[dict[str, Any]], out_dir: Path) -> None:
+    from dreamgen.report import ReportError, build_report, coverage_grid
+
+    out.print(coverage_grid(coverage))
+    try:
+        out.print(f"report: {build_report(out_dir)}", highlight=False, soft_wrap=True)
+    except (ReportError, OSError) as exc:  # the data is written; a missing plot is no failure
+        out.print(f"report: not written ({exc})", highlight=False, soft_wrap=True)
 
 
 def _difficulty(value: str | None) -> tuple[int | None, int | None]:
@@ -159,7 +173,9 @@ def _difficulty(value: str | None) -> tuple[int | None, int | None]:
         raise
 
 
-def run_with_progress(cfg: Config, *, force: bool = False, quiet: bool = False) -> Summary:
+def run_with_progress(
+    cfg: Config, *, force: bool = False, quiet: bool = False, repair: bool = False
+) -> Summary:
     """Run the pipeline with a live progress bar and graceful signal handling."""
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -171,7 +187,7 @@ def run_with_progress(cfg: Config, *, force: bool = False, quiet: bool = False) 
         disable=quiet or not console.is_terminal,
         transient=False,
     )
-    run = Run(cfg, force=force)
+    run = Run(cfg, force=force, repair=repair)
     task = progress.add_task("accepted", total=cfg.count, completed=run.summary.total, info="")
     last = [0.0]
 
@@ -247,6 +263,47 @@ def coverage(path: Path) -> None:
     out.print(coverage_table(data.get("coverage", [])))
 
 
+@app.command()
+def view(
+    path: Annotated[Path, typer.Argument(help="an output folder")],
+    port: Annotated[int, typer.Option(help="port (0: any free one)")] = 8765,
+    host: Annotated[str, typer.Option(help="interface; not loopback only on purpose")] = (
+        "127.0.0.1"
+    ),
+    cache: Annotated[Path | None, typer.Option(help="index folder (never inside OUT)")] = None,
+) -> None:
+    """Browse an output folder in a local, read-only web viewer (records, spans, coverage)."""
+    from dreamgen.viewer import ViewerError, is_loopback, serve
+
+    if not is_loopback(host):
+        console.print(f"warning: serving {path} on {host}: reachable from other machines")
+
+    def ready(url: str) -> None:
+        out.print(f"serving {path} at {url} (Ctrl-C to stop)", highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(serve(path, host=host, port=port, cache=cache, on_ready=ready))
+    except ViewerError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="an output folder")],
+    dest: Annotated[Path | None, typer.Option(help="where to write (default OUT/report)")] = None,
+) -> None:
+    """Write report.html (images embedded) and the PNGs of an output folder's plots."""
+    from dreamgen.report import ReportError, build_report
+
+    try:
+        out.print(f"report: {build_report(path, dest)}", highlight=False, soft_wrap=True)
+    except ReportError as exc:
+        fail(str(exc))
+
+
 @cards_app.command("list")
 def cards_list(prompts: Annotated[Path | None, typer.Option()] = None) -> None:
     """List the seed cards."""
@@ -316,22 +373,119 @@ def daemon(
 @app.command()
 def probe(
     model: Annotated[str, typer.Argument(help="HF name, local folder, .gguf file, or 'smollm2'")],
-    data: Annotated[Path, typer.Argument(help="a JSONL file or an output folder")],
+    data: Annotated[
+        Path, typer.Argument(help="labelled-conversation JSONL, Record JSONL or an output folder")
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="where probe.json/.png go")] = Path(
         "output/probe"
     ),
-    limit: Annotated[int, typer.Option(help="records to probe")] = 32,
-    compare: Annotated[str | None, typer.Option(help="a second ('after') model")] = None,
+    limit: Annotated[int, typer.Option(help="conversations to probe")] = 64,
+    compare: Annotated[
+        str | None, typer.Option(help="an 'after' model, or a q_proj .safetensors on MODEL")
+    ] = None,
+    qproj: Annotated[
+        Path | None, typer.Option(help="trained q_proj (.safetensors) to load on MODEL")
+    ] = None,
 ) -> None:
-    """Attention mass at the decision position on cue vs distractor tokens, per layer/head."""
+    """Attention at the decision position on cue, distractor, control and sink tokens."""
     try:
         from dreamgen.probe import probe_cli
     except ImportError as exc:  # torch/transformers live in the `train` extra
         fail(f"the probe needs the train extra (pip install 'dreamgen[train]'): {exc}")
         raise
     try:
-        probe_cli(model, data, out_dir, limit, compare)
+        probe_cli(model, data, out_dir, limit, compare, qproj)
     except (ValueError, OSError) as exc:
+        fail(str(exc))
+
+
+@app.command()
+def experiment(
+    data: Annotated[Path, typer.Argument(help="training Records: an output folder or JSONL")],
+    heldout: Annotated[Path, typer.Option(help="held-out labelled conversations (JSONL)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="the report folder")],
+    model: Annotated[str, typer.Option(help="HF name, folder, .gguf or smollm2")] = "smollm2",
+    objective: Annotated[str, typer.Option(help="lm | pref | attn | all")] = "all",
+    steps: Annotated[int, typer.Option(help="optimiser steps per objective")] = 40,
+    layers: Annotated[str | None, typer.Option(help="q_proj layers to train: 0-9,12")] = None,
+    attn_layers: Annotated[str | None, typer.Option(help="layers of the attn loss")] = None,
+    attn_lambda: Annotated[float, typer.Option(help="weight of the attn loss")] = 1.0,
+    optimizer: Annotated[str, typer.Option(help="adamw | apollo")] = "adamw",
+    lr: Annotated[float, typer.Option(help="learning rate")] = 3e-4,
+    batch_size: Annotated[int, typer.Option(help="records per step")] = 4,
+    max_length: Annotated[int, typer.Option(help="tokens per training record")] = 384,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    dtype: Annotated[str | None, typer.Option(help="e.g. bfloat16")] = None,
+    build: Annotated[int | None, typer.Option(help="first build/resume DATA to N")] = None,
+    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+) -> None:
+    """Train only q_proj on DATA; probe before/after on a disjoint held-out set."""
+    try:
+        from dreamgen.experiment import experiment_cli
+    except ImportError as exc:  # torch/transformers live in the `train` extra
+        fail(f"the experiment needs the train extra (pip install 'dreamgen[train]'): {exc}")
+        raise
+    try:
+        experiment_cli(
+            data, heldout, out_dir, model=model, objective=objective, steps=steps,
+            layers=layers, attn_layers=attn_layers, attn_lambda=attn_lambda,
+            optimizer=optimizer, lr=lr, batch_size=batch_size, max_length=max_length,
+            device=device, dtype=dtype, build=build, seed=seed,
+        )  # fmt: skip
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+
+
+@app.command()
+def label(
+    input_path: Annotated[Path, typer.Argument(metavar="IN", help="JSONL, Parquet/Arrow, folder")],
+    out_dir: Annotated[Path, typer.Option("--out", help="output folder (resumable)")],
+    engine: Annotated[str, typer.Option(help="rules | embedded | openai")] = "embedded",
+    server: Annotated[list[str] | None, typer.Option(help="OpenAI-compatible server URL")] = None,
+    model: Annotated[str | None, typer.Option(help="served model name")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="requests in flight")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
+    column: Annotated[str | None, typer.Option(help="field holding the messages")] = None,
+    input_format: Annotated[
+        str, typer.Option("--format", help="auto | openai | sharegpt")
+    ] = "auto",
+    all_turns: Annotated[bool, typer.Option(help="label every decision turn")] = False,
+    samples: Annotated[int, typer.Option(help="LLM answers per turn (2: confidence)")] = 2,
+) -> None:
+    """Find and label direction cues and distractors in conversations we did not write."""
+    from dreamgen.label_cli import LabelCliError, run_label
+    from dreamgen.label_run import LabelJob
+
+    if server and engine == "embedded":
+        engine = "openai"
+    cfg = load_config(
+        config,
+        out=out_dir,
+        servers=server or None,
+        model=model,
+        concurrency=concurrency,
+        engine=None if engine == "rules" else engine,
+    )
+    try:
+        job = LabelJob(input_path, out_dir, engine, cfg, column, input_format, all_turns, samples)
+        code = run_label(job, console, out, install_signals)
+    except (LabelCliError, ValueError) as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command("label-eval")
+def label_eval(
+    pred: Annotated[Path, typer.Argument(help="predicted labels (JSONL or a label OUT folder)")],
+    gold: Annotated[Path, typer.Argument(help="gold labels (JSONL)")],
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the result here")] = None,
+) -> None:
+    """Span P/R/F1, exact segments, kind and no-direction accuracy of PRED against GOLD."""
+    from dreamgen.label_cli import LabelCliError, run_label_eval
+
+    try:
+        run_label_eval(pred, gold, json_path, out)
+    except LabelCliError as exc:
         fail(str(exc))
 
 

@@ -11,8 +11,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dreamgen.cards import PROMPTS_DIR
-from dreamgen.engines import EMBEDDED_MODEL
-from dreamgen.planner import PlanConfig
+from dreamgen.errors import first_error
+from dreamgen.pairs import PairKind
+from dreamgen.serving import EMBEDDED_MODEL, parse_launch
 
 
 class ConfigError(Exception):
@@ -55,6 +56,27 @@ class SamplingConfig(_Section):
         return out
 
 
+class PlanConfig(_Section):
+    """What the planner aims for."""
+
+    seed: int = 0
+    difficulty_min: Annotated[int, Field(ge=1, le=5)] = 1
+    difficulty_max: Annotated[int, Field(ge=1, le=5)] = 5
+    schedule: Literal["uniform", "broad_to_subtle"] = "uniform"
+    evolve_share: Annotated[float, Field(ge=0, le=1)] = 0.0
+    undirected_share: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # Direction vs correctness: share of directed scenarios whose direction is mistaken or
+    # risky (split evenly over those stakes values; only cards that allow them serve them).
+    stakes_share: Annotated[float, Field(ge=0, le=1)] = 0.1
+    max_generation: Annotated[int, Field(ge=1, le=10)] = 3
+    # Relative cell weights: keys "cue_kind/distractor_kind/difficulty", "*" matches any.
+    quotas: dict[str, float] = {}
+    # Share of accepted scenarios that also get minimal-pair variants (chosen by record id,
+    # so the choice is stable across runs); which variants to derive.
+    minimal_pairs: Annotated[float, Field(ge=0, le=1)] = 0.0
+    minimal_pair_kinds: list[PairKind] = ["cue_removed", "cue_contradicted"]
+
+
 class StoreConfig(_Section):
     """How the output is sharded and flushed."""
 
@@ -73,8 +95,20 @@ class DedupConfig(_Section):
     decontaminate: Path | None = Field(None, description="held-out JSONL: drop records near it")
 
 
+class CopyConfig(_Section):
+    """The copy filter (``dreamgen.copies``): reject answers that copy what the prompt showed."""
+
+    max_share: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.3, description="reject above this share of word n-grams copied from the prompt"
+    )
+    ngram: Annotated[int, Field(ge=3, le=12)] = Field(6, description="words per n-gram")
+    situation_allowance: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.2, description="share of n-grams a record may take from its own card's situation"
+    )
+
+
 class AdaptConfig(_Section):
-    """AIMD tuning for ``adaptive = true`` (limits are per server)."""
+    """AIMD tuning for ``adaptive = true`` (limits are per server); see ``AdaptiveLimiter``."""
 
     min_concurrency: Annotated[int, Field(ge=1)] = Field(8, description="floor of the limit")
     start: Annotated[int, Field(ge=1)] | None = Field(None, description="default: concurrency")
@@ -120,6 +154,33 @@ class OfflineConfig(_Section):
     llm_args: dict[str, Any] = Field({}, description="any other vllm.LLM keyword argument")
 
 
+class JudgeConfig(_Section):
+    """The LLM judge stage (``dreamgen.judge``): rubric thresholds, its engine, calibration."""
+
+    enabled: bool | None = Field(
+        None, description="None: on for server engines once calibrated, off on embedded"
+    )
+    mode: Literal["filter", "score"] = Field(
+        "filter", description="filter: reject on failed checks; score: only record scores"
+    )
+    server: str | None = Field(None, description="the judge's own server; default: the generator")
+    model: str | None = Field(None, description="judge model name; default: the generator's")
+    concurrency: Annotated[int, Field(ge=1)] = Field(64, description="judge window, own server")
+    calibration: Path | None = Field(None, description="`dreamgen judge-eval --save` output")
+    floor: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.7, description="dev-set pairwise accuracy needed to filter (0: no calibration needed)"
+    )
+    require_agreement: bool = Field(True, description="both A/B orders must pick the same reply")
+    min_cue_direction: Annotated[float, Field(ge=0, le=1)] = 1.0
+    min_kind_agreement: Annotated[float, Field(ge=0, le=1)] = 0.5
+    min_distractor_own: Annotated[float, Field(ge=0, le=1)] = 1.0
+    min_coherence: Annotated[float, Field(ge=1, le=5)] = 3.0
+    max_difficulty_gap: Annotated[float, Field(ge=0, le=4)] = 2.0
+    require_problem_named: bool = Field(True, description="stakes != none: listening names it")
+    temperature: Annotated[float, Field(ge=0)] = 0.0
+    max_tokens: Annotated[int, Field(ge=16)] = 400
+
+
 class Config(_Section):
     """Everything a build, a daemon or a library call needs."""
 
@@ -136,18 +197,20 @@ class Config(_Section):
     max_attempts: Annotated[int, Field(ge=1)] = 6
     prompts: Path = Field(
         PROMPTS_DIR,
-        description="seed cards folder; default: the library shipped in prompts/",
+        description="seed cards folder; default: the library shipped in dreamgen/prompts/",
         # The real default is absolute (found from any cwd); keep the published schema portable.
-        json_schema_extra={"default": "prompts"},
+        json_schema_extra={"default": "dreamgen/prompts"},
     )
     sampling: SamplingConfig = SamplingConfig()
     plan: PlanConfig = PlanConfig()
     store: StoreConfig = StoreConfig()
     dedup: DedupConfig = DedupConfig()
+    copies: CopyConfig = CopyConfig()
     adapt: AdaptConfig = AdaptConfig()
     serving: ServingConfig = ServingConfig()
     daemon: DaemonConfig = DaemonConfig()
     offline: OfflineConfig = OfflineConfig()
+    judge: JudgeConfig = JudgeConfig()
     splits: dict[Literal["train", "eval", "probe"], float] = {
         "train": 0.9,
         "eval": 0.05,
@@ -157,8 +220,6 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check(self) -> Config:
         if self.serving.launch is not None:
-            from dreamgen.vllm import parse_launch
-
             info = parse_launch(self.serving.launch)
             if "engine" not in self.model_fields_set:
                 self.engine = "openai"
@@ -186,10 +247,14 @@ class Config(_Section):
         """The fields that shape the data: a different value here means a different dataset."""
         keep = self.model_dump(
             mode="json",
-            include={"engine", "model", "sampling", "plan", "splits"},
+            include={"engine", "model", "sampling", "plan", "splits", "copies"},
         )
         keep["dedup"] = {"threshold": self.dedup.threshold, "num_perm": self.dedup.num_perm}
         keep["model"] = self.model_name
+        if self.judge.enabled:  # judged data is another dataset; unjudged folders keep theirs
+            keep["judge"] = self.judge.model_dump(
+                mode="json", exclude={"enabled", "server", "concurrency", "calibration"}
+            )
         return keep
 
     def fingerprint(self, cards_fingerprint: str) -> str:
@@ -220,7 +285,5 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "config"
         where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}{loc}: {err['msg'].removeprefix('Value error, ')}") from exc
+        raise ConfigError(f"{where}{first_error(exc, 'config')}") from exc

@@ -22,18 +22,16 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import time
 import tomllib
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from dreamgen.cards import CardError, CardSet
 from dreamgen.config import Config, ConfigError, load_config
+from dreamgen.diskio import probe_write
 from dreamgen.engines import EngineError
+from dreamgen.logs import event, setup_logging
 from dreamgen.metrics import Metrics, MetricsServer
 from dreamgen.pipeline import Run
 from dreamgen.store import StoreError
@@ -44,57 +42,6 @@ log = logging.getLogger("dreamgen.daemon")
 RELOADABLE = {"count", "concurrency", "sampling", "plan", "prompts", "store", "daemon.log_level"}
 STATUS_EVERY_S = 60.0
 STORE_CHECK_EVERY_S = 10.0
-
-
-def event(level: int, name: str, msg: str, *args: Any, **fields: Any) -> None:
-    log.log(level, msg, *args, extra={"event": name, "fields": fields})
-
-
-# ---------------------------------------------------------------------------------------
-# Logging
-# ---------------------------------------------------------------------------------------
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, event, msg, and the event's fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-        out: dict[str, Any] = {
-            "ts": ts.replace("+00:00", "Z"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": getattr(record, "event", "log"),
-            "msg": record.getMessage(),
-        }
-        for key, value in (getattr(record, "fields", None) or {}).items():
-            out.setdefault(key, value)
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
-
-
-class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def setup_logging(fmt: str = "text", level: str = "info", path: Path | None = None) -> None:
-    """Route the ``dreamgen`` loggers to stderr (or ``path``) as text or JSON lines."""
-    root = logging.getLogger("dreamgen")
-    for h in list(root.handlers):
-        root.removeHandler(h)
-        h.close()
-    handler: logging.Handler
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path, encoding="utf-8")
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    root.propagate = False
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,9 +109,8 @@ class Daemon:
         engine = run.engine
         if engine is None:
             return False, "starting the engine"
-        if not getattr(engine, "ready", True):
-            reason = engine.reason() if hasattr(engine, "reason") else "engine not ready"
-            return False, reason or "engine not ready"
+        if not engine.ready:
+            return False, engine.reason() or "engine not ready"
         if run.gate is None:
             return False, "starting the engine"
         ok, why = self.check_store()
@@ -173,18 +119,20 @@ class Daemon:
         return True, ""
 
     def check_store(self, force: bool = False) -> tuple[bool, str]:
-        """Is the output folder writable? (A real write, at most every few seconds.)"""
+        """Is the output folder writable? (A real append, at most every few seconds.)
+
+        Creating an empty file works on a full disk, so the probe writes and fsyncs
+        bytes; and while the run's own writes fail, that failure is the answer.
+        """
+        run = self.run
+        if run is not None and run.store_blocked is not None:
+            return False, f"store not writable: {run.store_blocked}"
         now = time.monotonic()
         if not force and now - self._store_checked < STORE_CHECK_EVERY_S:
             return self.store_ok
         self._store_checked = now
-        probe = self.config.out / ".ready-probe"
-        try:
-            probe.write_bytes(b"")
-            probe.unlink()
-            self.store_ok = (True, "")
-        except OSError as exc:
-            self.store_ok = (False, f"store not writable: {exc.strerror or exc}")
+        why = run.store.probe() if run is not None else probe_write(self.config.out)
+        self.store_ok = (not why, why)
         return self.store_ok
 
     # -- main ----------------------------------------------------------------------------
@@ -195,10 +143,10 @@ class Daemon:
         try:
             await self.server.start()
         except OSError as exc:
-            event(logging.ERROR, "error", "cannot listen on %s:%s: %s", cfg.daemon.host,
+            event(log, logging.ERROR, "error", "cannot listen on %s:%s: %s", cfg.daemon.host,
                   cfg.daemon.port, exc.strerror or exc)  # fmt: skip
             return 2
-        event(
+        event(log,
             logging.INFO, "start", "dreamgen daemon pid %d: out %s, engine %s, http://%s:%d",
             os.getpid(), cfg.out, cfg.engine, cfg.daemon.host, self.server.port,
             pid=os.getpid(), out=str(cfg.out), engine=cfg.engine, port=self.server.port,
@@ -223,16 +171,16 @@ class Daemon:
                 on_completion=self.metrics.observe,
             )  # fmt: skip
         except (CardError, StoreError, ConfigError, ValueError) as exc:
-            event(logging.ERROR, "error", "cannot start: %s", exc, error=str(exc))
+            event(log, logging.ERROR, "error", "cannot start: %s", exc, error=str(exc))
             return 2
         self.metrics.attach(self.run)
         if self.run.summary.resumed:
-            event(logging.INFO, "resume", "resuming with %d records", self.run.summary.resumed,
+            event(log, logging.INFO, "resume", "resuming with %d records", self.run.summary.resumed,
                   records=self.run.summary.resumed)  # fmt: skip
         if self.signals:  # a signal came while the store was opening: nothing to drain
             self.run.store.close(**self.run._manifest_extra())
             self.run.dedup.close()
-            event(logging.INFO, "stopped", "stopped before starting the engine")
+            event(log, logging.INFO, "stopped", "stopped before starting the engine")
             return 0
         self.run_task = asyncio.create_task(self.run.run(grace_s=cfg.daemon.grace_s))
         watcher = asyncio.create_task(self._watch())
@@ -240,7 +188,7 @@ class Daemon:
         try:
             summary = await self.run_task
             if summary.stopped_by == "target":
-                event(logging.INFO, "target_reached", "target of %s records reached",
+                event(log, logging.INFO, "target_reached", "target of %s records reached",
                       cfg.count, records=self.run.store.count)  # fmt: skip
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -248,7 +196,10 @@ class Daemon:
                 raise  # cancelled from outside, not by a signal
             self.run.summary.stopped_by = "signal"
         except EngineError as exc:  # a non-server engine that cannot start (vllm missing)
-            event(logging.ERROR, "error", "engine failed: %s", exc, error=str(exc))
+            event(log, logging.ERROR, "error", "engine failed: %s", exc, error=str(exc))
+            code = 2
+        except StoreError as exc:  # stopped while the disk refused the last writes
+            event(log, logging.ERROR, "error", "store failed: %s", exc, error=str(exc))
             code = 2
         except Exception as exc:  # a bug: the store is closed (Run.run's finally); say so
             log.exception("crashed: %s", exc, extra={"event": "crash", "fields": {}})
@@ -257,7 +208,7 @@ class Daemon:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
         s = self.run.summary
-        event(
+        event(log,
             logging.INFO, "stopped", "stopped: %d records in %s (%d accepted now, %d requests)",
             self.run.store.count, cfg.out, s.accepted, s.requests,
             records=self.run.store.count, accepted=s.accepted, requests=s.requests,
@@ -272,7 +223,7 @@ class Daemon:
         if self.signals == 1:
             self.draining = True
             if run is not None and run.gate is not None:
-                event(
+                event(log,
                     logging.WARNING, "drain",
                     "%s: draining %d in-flight requests (grace %.0fs); signal again to stop now",
                     name, run.inflight, self.config.daemon.grace_s,
@@ -281,15 +232,15 @@ class Daemon:
                 run.stop("signal")
                 return
             # Nothing in flight yet (the engine is starting or waiting for a server).
-            event(logging.WARNING, "stop", "%s while starting: stopping", name, signal=name)
+            event(log, logging.WARNING, "stop", "%s while starting: stopping", name, signal=name)
             if run is not None:
                 run.stop("signal")
             if self.run_task is not None:
                 self.run_task.cancel()
             return
-        event(logging.WARNING, "stop_now", "%s again: stopping now", name, signal=name)
-        if run is not None:
-            launcher = getattr(run.engine, "launcher", None)
+        event(log, logging.WARNING, "stop_now", "%s again: stopping now", name, signal=name)
+        if run is not None and run.engine is not None:
+            launcher = run.engine.launcher
             if launcher is not None:
                 launcher.stop_grace_s = min(launcher.stop_grace_s, 2.0)
         if self.run_task is not None:
@@ -300,7 +251,7 @@ class Daemon:
     def reload(self) -> bool:
         """SIGHUP: apply a new config and card set, or refuse and keep the old ones."""
         if self.run is None or self.draining:
-            event(logging.WARNING, "reload_refused", "reload refused: not running yet",
+            event(log, logging.WARNING, "reload_refused", "reload refused: not running yet",
                   reason="not running")  # fmt: skip
             self.metrics.reloads.labels("refused").inc()
             return False
@@ -315,8 +266,8 @@ class Daemon:
             self.run.reload(new, cards)
         except (ConfigError, CardError, ValueError, OSError) as exc:
             reason = str(exc).replace("\n", "; ")
-            event(logging.ERROR, "reload_refused", "reload refused, keeping the old config: %s",
-                  reason, reason=reason)  # fmt: skip
+            event(log, logging.ERROR, "reload_refused",
+                  "reload refused, keeping the old config: %s", reason, reason=reason)  # fmt: skip
             self.metrics.reloads.labels("refused").inc()
             return False
         changed = [
@@ -325,7 +276,7 @@ class Daemon:
         ]  # fmt: skip
         self.config = new
         logging.getLogger("dreamgen").setLevel(new.daemon.log_level.upper())
-        event(
+        event(log,
             logging.INFO, "reload", "reloaded: %d cards (%s); changed: %s",
             len(cards.cards), cards.fingerprint, ", ".join(changed) or "nothing",
             cards=len(cards.cards), cards_fingerprint=cards.fingerprint, changed=changed,
@@ -348,22 +299,22 @@ class Daemon:
                 new = run.store.rotations - rotations
                 rotations = run.store.rotations
                 for shard in run.store.closed[-new:]:
-                    event(logging.INFO, "shard_closed", "closed shard %s (%d records)",
+                    event(log, logging.INFO, "shard_closed", "closed shard %s (%d records)",
                           shard.name, shard.records, shard=shard.name,
                           records=shard.records)  # fmt: skip
             self.check_store()
             ready, reason = self.readiness()
             if ready != self._was_ready and not self.draining:
                 if ready:
-                    event(logging.INFO, "ready", "ready: limit %d", run.limit, limit=run.limit)
+                    event(log, logging.INFO, "ready", "ready: limit %d", run.limit, limit=run.limit)
                 elif self._was_ready is not None:
-                    event(logging.WARNING, "not_ready", "not ready: %s", reason, reason=reason)
+                    event(log, logging.WARNING, "not_ready", "not ready: %s", reason, reason=reason)
                 self._was_ready = ready
             now = time.monotonic()
             if now - last_status >= STATUS_EVERY_S:
                 s = run.summary
                 rate = (s.accepted - last_accepted) / (now - last_status)
-                event(
+                event(log,
                     logging.INFO, "status",
                     "%d records, %.2f/s, in flight %d/%d, %d rejected, %d engine errors",
                     run.store.count, rate, run.inflight, run.limit, sum(s.rejected.values()),

@@ -30,6 +30,7 @@ import os
 import re
 import zlib
 from collections.abc import Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ import numpy as np
 import orjson
 from datasketch import MinHash, MinHashLSH
 
+from dreamgen.jsonl import JsonlError, read_jsonl
 from dreamgen.record import Record
 from dreamgen.store import SHARDS, StoreError, atomic_write
 
@@ -50,6 +52,14 @@ _DTYPE = np.uint32
 
 class DedupError(StoreError):
     """The dedup index or the held-out file cannot be used."""
+
+
+class Reason(StrEnum):
+    """Why dedup rejects a record."""
+
+    duplicate = "duplicate"  # the same text (normalised) was accepted before
+    near_duplicate = "near_duplicate"  # MinHash similarity above the threshold
+    contaminated = "contaminated"  # too close to a held-out conversation
 
 
 def conversation_text(record: Record) -> str:
@@ -105,14 +115,10 @@ def load_heldout(path: Path) -> list[str]:
 
 
 def _jsonl(file: Path) -> Iterator[tuple[int, Any]]:
-    with open(file, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise DedupError(f"{file}:{n}: invalid JSON: {exc}") from None
+    try:
+        yield from read_jsonl(file)
+    except JsonlError as exc:
+        raise DedupError(str(exc)) from None
 
 
 def _heldout_text(obj: Any) -> str | None:
@@ -234,20 +240,20 @@ class Dedup:
             self.contaminants.insert(f"eval-{self.n_contaminants}", mh, check_duplication=False)
             self.n_contaminants += 1
 
-    def check(self, key: bytes, mh: MinHash, record: Record | None = None) -> str | None:
+    def check(self, key: bytes, mh: MinHash, record: Record | None = None) -> Reason | None:
         """The rejection reason if this signature duplicates something, else None.
 
         ``record`` is needed for decontamination (its scenario is compared); without it
         the conversation signature ``mh`` is compared instead.
         """
         if key in self.exact:
-            return "duplicate"
+            return Reason.duplicate
         if self.lsh.query(mh):
-            return "near_duplicate"
+            return Reason.near_duplicate
         if self.n_contaminants:
             probe = mh if record is None else self.signature(scenario_text(record))[1]
             if self.contaminants.query(probe):
-                return "contaminated"
+                return Reason.contaminated
         return None
 
     def add(self, key: bytes, mh: MinHash) -> None:

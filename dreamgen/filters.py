@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 
 from dreamgen.record import Record
+from dreamgen.taxonomy import all_values
 from dreamgen.validate import Rejected
+
+
+class Reason(StrEnum):
+    """Why a rule filter rejects a record."""
+
+    too_short = "too_short"
+    boilerplate = "boilerplate"
+    placeholder = "placeholder"  # placeholder text instead of content
+    echoed_prompt = "echoed_prompt"  # the prompt's own words copied as content
+    repeated_turn = "repeated_turn"  # a message repeats another word for word
+    listening_pushes_idea = "listening_pushes_idea"
+
 
 BOILERPLATE = re.compile(
     r"\b(as an ai\b|as a language model|i'?m just an ai|i cannot assist|i can'?t assist"
@@ -40,14 +54,13 @@ BARE = re.compile(r"\W*(?:\.\.\.|…|tbd|todo|n/a|none|null)\W*")
 # The prompt's own vocabulary written as conversation: field names, snake_case labels,
 # words that only describe the format. The 135M model copies literal prompt phrases
 # (it once wrote "The user's first message" as the opening).
+# Every snake_case taxonomy value, from the taxonomy itself: a new value is covered at once.
+LABEL_WORDS = sorted((v for values in all_values().values() for v in values if "_" in v), key=len)
 ECHO = re.compile(
     r"\b(?:the user'?s (?:first|last|next|own) (?:message|turn)|the assistant'?s (?:next|own) "
     r"(?:reply|message|idea)|decision[ _]turn|idea[ _]turn|extra_(?:cues|distractors)"
     r"|listening (?:reply|response)|reflex (?:reply|response)|field guide|format example"
-    r"|(?:explicit_instruction|prior_decision|implicit_context|scope_limit|better_tool"
-    r"|scope_creep|premature_optimization|unsolicited_refactor|winding_down"
-    r"|systems_programming|ml_research|data_engineering|web_development|writing_editing"
-    r"|everyday_life))\b",
+    r"|(?:" + "|".join(re.escape(v) for v in reversed(LABEL_WORDS)) + r"))\b",
 )
 # A whole message that is only a label from the prompt ("Situation", "Topic", "Opening").
 # fmt: off
@@ -100,20 +113,22 @@ def check_echo(texts: list[str], words: list[list[str]] | None = None) -> None:
     joined = "\n".join(texts).lower()
     hit = PLACEHOLDER.search(joined)
     if hit:
-        raise Rejected("placeholder", f"placeholder text {hit.group(0)[:40]!r}")
+        raise Rejected(Reason.placeholder, f"placeholder text {hit.group(0)[:40]!r}")
     hit = ECHO.search(joined)
     if hit:
-        raise Rejected("echoed_prompt", f"prompt vocabulary {hit.group(0)!r} in a message")
+        raise Rejected(Reason.echoed_prompt, f"prompt vocabulary {hit.group(0)!r} in a message")
     for text, ws in zip(texts, words, strict=True):
         if BARE.fullmatch(text.lower()):
-            raise Rejected("placeholder", f"placeholder text {text.strip()[:40]!r}")
+            raise Rejected(Reason.placeholder, f"placeholder text {text.strip()[:40]!r}")
         if " ".join(ws) in LABELS:
-            raise Rejected("echoed_prompt", f"a message is only the prompt label {text.strip()!r}")
+            raise Rejected(
+                Reason.echoed_prompt, f"a message is only the prompt label {text.strip()!r}"
+            )
         # Membership per position, not a set of this text's n-grams: the hot path.
         for i in range(len(ws) - n + 1):
             gram = tuple(ws[i : i + n])
             if gram in grams:
-                raise Rejected("echoed_prompt", f"copies the instructions: {' '.join(gram)!r}")
+                raise Rejected(Reason.echoed_prompt, f"copies the instructions: {' '.join(gram)!r}")
 
 
 def _content_words(text: str) -> set[str]:
@@ -131,7 +146,7 @@ def check_repeats(texts: list[str], words: list[list[str]] | None = None) -> Non
     for text, ws in zip(texts, words, strict=True):
         key = " ".join(ws)
         if key and key in seen:
-            raise Rejected("repeated_turn", f"a message repeats another: {text[:50]!r}")
+            raise Rejected(Reason.repeated_turn, f"a message repeats another: {text[:50]!r}")
         seen.add(key)
 
 
@@ -139,22 +154,24 @@ def check(record: Record) -> None:
     """Raise ``Rejected`` if the record fails a rule filter."""
     for msg in (record.target, record.contrast):
         if len(msg.content.strip()) < MIN_CHARS:
-            raise Rejected("too_short", f"a response is under {MIN_CHARS} characters")
+            raise Rejected(Reason.too_short, f"a response is under {MIN_CHARS} characters")
     texts = [m.content for m in record.messages] + [record.target.content, record.contrast.content]
     hit = BOILERPLATE.search("\n".join(texts).lower())
     if hit:
-        raise Rejected("boilerplate", f"contains {hit.group(0)!r}")
+        raise Rejected(Reason.boilerplate, f"contains {hit.group(0)!r}")
     words = [WORD.findall(t.lower()) for t in texts]
     check_echo(texts, words)
     check_repeats(texts, words)
     target = record.target.content
     if PUSH_OPENERS.search(target):
-        raise Rejected("listening_pushes_idea", "the listening response opens with an alternative")
+        raise Rejected(
+            Reason.listening_pushes_idea, "the listening response opens with an alternative"
+        )
     opener = _content_words(_first_sentence(target))
     for span in record.distractors:
         idea = _content_words(span.text)
         # The listening reply may mention the idea briefly, but not lead with it.
         if len(idea) >= 3 and len(opener & idea) / len(idea) >= 0.6:
             raise Rejected(
-                "listening_pushes_idea", "the listening response opens by restating the idea"
+                Reason.listening_pushes_idea, "the listening response opens by restating the idea"
             )

@@ -15,13 +15,16 @@ from __future__ import annotations
 import time
 from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client import generate_latest as render
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from dreamgen.engines import Engine
 
 LATENCY_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
@@ -145,17 +148,15 @@ class _RunCollector(Collector):
                          "Share of the quotas filled (each cell counted up to its quota).",
                          got / want)  # fmt: skip
 
-    def _engine(self, engine: Any) -> Iterator[Metric]:
-        if hasattr(engine, "retries"):
-            yield _counter("dreamgen_engine_retries", "Engine request retries.", engine.retries)
-        if hasattr(engine, "outages"):
-            yield _counter("dreamgen_engine_outages", "Times no server was ready.",
-                           engine.outages)  # fmt: skip
-        launcher = getattr(engine, "launcher", None)
-        if launcher is not None:
+    def _engine(self, engine: Engine) -> Iterator[Metric]:
+        yield _counter("dreamgen_engine_retries", "Engine request retries.", engine.retries)
+        yield _counter("dreamgen_engine_outages", "Times no server was ready.",
+                       engine.outages)  # fmt: skip
+        if engine.launcher is not None:
             yield _counter("dreamgen_server_restarts", "Restarts of the launched server.",
-                           launcher.restarts)  # fmt: skip
-        if not hasattr(engine, "status"):
+                           engine.launcher.restarts)  # fmt: skip
+        servers = engine.status()
+        if servers is None:
             return
         names = {
             "up": ("dreamgen_server_up", "1 while the server is healthy and serves the model."),
@@ -166,7 +167,7 @@ class _RunCollector(Collector):
             "kv_usage": ("dreamgen_server_kv_cache_usage", "vLLM: KV-cache usage (0-1)."),
         }
         families = {k: GaugeMetricFamily(n, d, labels=["server"]) for k, (n, d) in names.items()}
-        for st in engine.status():
+        for st in servers:
             families["up"].add_metric([st["url"]], 1.0 if st["state"] == "up" else 0.0)
             for key in ("limit", "inflight", "running", "waiting", "kv_usage"):
                 if st.get(key) is not None:

@@ -20,13 +20,13 @@ Variants share the parent's ``group_id`` and split, carry ``parent_id`` = the pa
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import ValidationError
 
+from dreamgen import segments
 from dreamgen.record import Axes, Message, Record, Span, content_id
 from dreamgen.taxonomy import CueKind
 
@@ -53,47 +53,6 @@ def selected(record: Record, share: float) -> bool:
     return u < share
 
 
-PUNCT = ".,;:!?"
-
-
-DANGLING = re.compile(
-    r"(?:[\s,;:\u2014-]+|\s+(?:and|but|so|or|because|since|as|that|then|which))+$", re.I
-)
-
-
-def _close(left: str) -> str:
-    """End a fragment that ran into the cut as a sentence: "…in the review and" becomes
-    "…in the review." (a dangling comma or connective goes; a full stop is added)."""
-    left = left.rstrip()
-    if not left or left[-1] in ".!?":
-        return left
-    trimmed = DANGLING.sub("", left)
-    return (trimmed + ".") if trimmed and trimmed[-1] not in ".!?" else trimmed
-
-
-def _join(left: str, middle: str, right: str) -> tuple[str, int, int]:
-    """``left + middle + right`` reading as sentences, one space at each seam; offsets of
-    ``middle`` in the result (``middle`` may be empty: the seam is then left-right)."""
-    left, right = _close(left), right.lstrip()
-    prev = middle or left
-    if not prev or prev[-1] in ".!?":
-        # A new sentence starts here: "instead." + ", so what" → "instead. So what".
-        right = right.lstrip(PUNCT).lstrip()
-        if right[:1].islower():
-            right = right[0].upper() + right[1:]
-    pre = " " if left and middle else ""
-    post = " " if (left or middle) and right and right[0] not in PUNCT + ")" else ""
-    start = len(left) + len(pre)
-    return left + pre + middle + post + right, start, start + len(middle)
-
-
-def _cut(content: str, spans: Sequence[Span]) -> str:
-    """``content`` with ``spans`` (all in it, not overlapping) removed."""
-    for span in sorted(spans, key=lambda s: s.start, reverse=True):
-        content, _, _ = _join(content[: span.start], "", content[span.end :])
-    return content
-
-
 def derive(record: Record, kinds: Sequence[PairKind] = KINDS) -> list[Record]:
     """The minimal-pair variants of ``record`` (fewer when one cannot be built cleanly)."""
     if record.mode == "minimal_pair":
@@ -115,7 +74,9 @@ def _removed(record: Record) -> Record | None:
     for c in record.cues:
         by_msg.setdefault(c.message, []).append(c)
     messages = [
-        Message(role=m.role, content=_cut(m.content, by_msg[i]) if i in by_msg else m.content)
+        Message(
+            role=m.role, content=segments.cut(m.content, by_msg[i]) if i in by_msg else m.content
+        )
         for i, m in enumerate(record.messages)
     ]
     if len(messages[-1].content.strip()) < 2:
@@ -142,23 +103,23 @@ def _contradicted(record: Record, primary: Span) -> Record | None:
     for i, m in enumerate(record.messages):
         others = [c for c in record.cues if c.message == i and c is not primary]
         if i != dec:
-            content = _cut(m.content, others) if others else m.content
+            content = segments.cut(m.content, others) if others else m.content
             messages.append(Message(role=m.role, content=content))
             continue
         # Cut other cues in the decision turn first, tracking where the primary moves.
         text, start, end = m.content, primary.start, primary.end
         for o in sorted(others, key=lambda s: s.start, reverse=True):
-            cut = _cut(text, [o])
+            cut = segments.cut(text, [o])
             if o.start < start:
                 shift = len(text) - len(cut)
                 start, end = start - shift, end - shift
             text = cut
-        content, s0, s1 = _join(text[:start], phrase, text[end:])
+        content, s0, s1 = segments.replace(text, start, end, phrase)
         messages.append(Message(role=m.role, content=content))
         cue = Span(message=dec, start=s0, end=s1, kind=CONTRADICTED_KIND, text=phrase)
     assert cue is not None
     # Target and contrast swap below: keep only distractors in the context messages.
-    distractors = [d for d in record.distractors if d.message < len(record.messages)]
+    distractors = [d for d in record.distractors if not record.is_response(d.message)]
     axes = record.axes.model_copy(update={"cue_kind": CONTRADICTED_KIND})
     return _make(
         record,

@@ -8,48 +8,29 @@ reported only after the store has fsynced them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from enum import StrEnum
+from typing import Any
 
-from dreamgen import filters, pairs
 from dreamgen.cards import CardSet
 from dreamgen.config import Config
 from dreamgen.dedup import Dedup, conversation_text, exact_key, load_heldout
-from dreamgen.engines import (
-    EMBEDDED_MODEL,
-    Completion,
-    EmbeddedServer,
-    EngineError,
-    api_key_from_env,
-)
-from dreamgen.planner import Planner, Request
-from dreamgen.record import Record, split_for
+from dreamgen.diskio import disk_error
+from dreamgen.engines import Completion, Engine, EngineError, Gate, open_engine, wait_event
+from dreamgen.planner import Planner, prompt_fingerprint
+from dreamgen.record import Record
+from dreamgen.rejects import RejectSample
+from dreamgen.request import Request
 from dreamgen.scenario import response_format
-from dreamgen.store import Store
-from dreamgen.validate import Rejected, validate
-from dreamgen.vllm import Gate, wait_event
+from dreamgen.stages import Chain, Item, RunReason, StoreReason, chain_for
+from dreamgen.store import Store, StoreError
+from dreamgen.timeseries import TimeSeries
 
 log = logging.getLogger("dreamgen.pipeline")
-
-
-class Engine(Protocol):
-    """What the pipeline needs from an engine."""
-
-    name: str
-    model: str
-
-    async def chat(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        response_format: dict[str, Any] | None = None,
-        sampling: dict[str, Any] | None = None,
-    ) -> Completion: ...
 
 
 @dataclass
@@ -101,110 +82,6 @@ class Summary:
         }
 
 
-@contextlib.asynccontextmanager
-async def open_engine(
-    config: Config,
-    *,
-    wait: bool = False,
-    on_engine: Callable[[Any], None] | None = None,
-) -> AsyncIterator[tuple[Engine, int]]:
-    """Start the configured engine; yields it with its initial in-flight limit.
-
-    Server engines (embedded, openai) carry a ``gate``: their live limit, which adapts to
-    the server's load and drops to zero while no server is healthy. ``wait`` waits out a
-    server that is down or still loading (the daemon) instead of failing with one clear
-    line (a build). ``on_engine`` sees the engine before it is ready (for /readyz).
-    """
-    if config.engine == "vllm-offline":
-        from dreamgen.offline import OfflineEngine
-
-        offline = OfflineEngine(config)
-        if on_engine is not None:
-            on_engine(offline)
-        await offline.start()
-        try:
-            yield offline, config.concurrency
-        finally:
-            await offline.close()
-        return
-
-    from dreamgen.vllm import AdaptSettings, Launcher, ServerEngine
-
-    server: EmbeddedServer | None = None
-    launcher: Launcher | None = None
-    serving = config.serving
-    try:
-        if config.engine == "embedded":
-            server = EmbeddedServer(parallel=config.embedded_parallel)
-            await asyncio.to_thread(server.start)
-            # llama.cpp queues what its slots cannot take; more in flight only adds latency.
-            engine = ServerEngine(
-                [server.url],
-                EMBEDDED_MODEL,
-                name="embedded",
-                concurrency=config.concurrency,
-                hard_cap=2 * config.embedded_parallel,
-                timeout_s=config.request_timeout_s,
-                max_attempts=config.max_attempts,
-                health_interval_s=serving.health_interval_s,
-                backoff_max_s=serving.outage_backoff_max_s,
-            )
-            timeout: float | None = 120.0
-        else:
-            if serving.launch:
-                launcher = Launcher(
-                    serving.launch,
-                    log_path=serving.launch_log or config.out / "server.log",
-                    stop_grace_s=serving.stop_grace_s,
-                    backoff_s=serving.restart_backoff_s,
-                    backoff_max_s=serving.restart_backoff_max_s,
-                    max_failures=None if wait else 3,
-                )
-                await launcher.start()
-            a = config.adapt
-            engine = ServerEngine(
-                config.servers,
-                config.model_name,
-                api_key=api_key_from_env(config.api_key_env),
-                concurrency=config.concurrency,
-                adaptive=config.adaptive,
-                adapt=AdaptSettings(
-                    min_limit=a.min_concurrency,
-                    increase=a.increase,
-                    decrease=a.decrease,
-                    max_waiting=a.max_waiting,
-                    max_kv_usage=a.max_kv_usage,
-                    cooldown_s=a.cooldown_s,
-                ),
-                start_limit=a.start,
-                timeout_s=config.request_timeout_s,
-                max_attempts=config.max_attempts,
-                health_interval_s=serving.health_interval_s,
-                backoff_max_s=serving.outage_backoff_max_s,
-                guided=serving.guided_decoding,
-                launcher=launcher,
-            )
-            timeout = serving.launch_timeout_s if launcher and not wait else None
-        if on_engine is not None:
-            on_engine(engine)
-        try:
-            await engine.start(
-                wait=wait or launcher is not None or server is not None, timeout_s=timeout
-            )
-        except BaseException:
-            await engine.close()
-            raise
-        try:
-            yield engine, engine.limit
-        finally:
-            await engine.close()
-    finally:
-        if launcher is not None:
-            await launcher.stop()
-        if server is not None:
-            await asyncio.to_thread(server.stop)
-
-
 class Run:
     """One run of the generation loop over one output folder."""
 
@@ -218,6 +95,7 @@ class Run:
         force: bool = False,
         tolerate_outages: bool = False,
         on_completion: Callable[[Completion], Any] | None = None,
+        repair: bool = False,
     ) -> None:
         self.config = config
         # A daemon waits out outages and failing servers; a build fails with one clear line.
@@ -230,12 +108,15 @@ class Run:
         self.store = Store(
             config.out,
             config=config.data_config(),
-            fingerprint=config.fingerprint(self.cards.fingerprint),
+            fingerprint=config.fingerprint(prompt_fingerprint(self.cards)),
             shard_records=config.store.shard_records,
             shard_age_s=config.store.shard_age_s,
             force=force,
             target=config.count,
+            repair=repair,
         )
+        self.rejects = RejectSample(config.out)  # a sample to look at; never training data
+        self.timeseries = TimeSeries(config.out)
         self.dedup = Dedup(
             config.dedup.index or config.out / "dedup",
             threshold=config.dedup.threshold,
@@ -244,14 +125,18 @@ class Run:
         if config.dedup.decontaminate is not None:
             self.dedup.add_contaminants(load_heldout(config.dedup.decontaminate))
         self.planner = Planner(self.cards, config.plan, config.count)
+        self.chain = self._chain(config)
         self.summary = Summary(target=config.count)
         self._restore()
         self.stop_event = asyncio.Event()
         self.pending: dict[str, tuple[Request, int]] = {}
         self.inflight = 0
         self.consecutive_errors = 0
-        self.fatal: EngineError | None = None
-        self.engine: Any = None
+        self.fatal: Exception | None = None
+        # Daemon: why the store refuses writes (a full disk); no requests are issued
+        # and the flusher retries with backoff until a real append works again.
+        self.store_blocked: str | None = None
+        self.engine: Engine | None = None
         self.gate: Gate | None = None
         self._fixed_limit = config.concurrency
         self._wakeup = asyncio.Event()  # stop or fatal: interrupts a wait for a slot
@@ -262,7 +147,7 @@ class Run:
         """The in-flight limit now (it adapts for vLLM servers; 0 during an outage)."""
         return self.gate.limit if self.gate is not None else self._fixed_limit
 
-    def _set_engine(self, engine: Any) -> None:
+    def _set_engine(self, engine: Engine) -> None:
         self.engine = engine
 
     def _restore(self) -> None:
@@ -281,6 +166,16 @@ class Run:
         self.base_totals: dict[str, Any] = dict(self.store.meta.get("totals", {}))
         self.summary.rejected.update(self.base_totals.get("rejected", {}))
 
+    def _chain(self, config: Config) -> Chain:
+        return chain_for(
+            splits=config.splits,
+            index=self.dedup,
+            store=self.store,
+            full=lambda: self.reached,
+            pair_share=config.plan.minimal_pairs,
+            pair_kinds=config.plan.minimal_pair_kinds,
+        )
+
     @property
     def reached(self) -> bool:
         target = self.config.count
@@ -293,7 +188,7 @@ class Run:
         self.stop_event.set()
         self._wakeup.set()
 
-    def _fail(self, exc: EngineError) -> None:
+    def _fail(self, exc: Exception) -> None:
         if self.fatal is None:
             self.fatal = exc
         self._wakeup.set()
@@ -314,13 +209,14 @@ class Run:
             if key not in derived:
                 setattr(planner, key, value)
         self.planner, self.cards, self.config = planner, cards, config
+        self.chain = self._chain(config)
         self.summary.target = config.count
         st = self.store
         st.shard_records, st.shard_age_s = config.store.shard_records, config.store.shard_age_s
         st.config = config.data_config()
-        st.fingerprint = config.fingerprint(cards.fingerprint)
+        st.fingerprint = config.fingerprint(prompt_fingerprint(cards))
         self._fixed_limit = config.concurrency
-        if hasattr(self.engine, "set_concurrency"):
+        if self.engine is not None:
             self.engine.set_concurrency(config.concurrency)
         if self.gate is not None:
             self.gate.notify()
@@ -346,11 +242,11 @@ class Run:
         return False
 
     def _check_outage(self) -> None:
-        down_since = getattr(self.engine, "down_since", None)
-        if self.tolerate_outages or down_since is None:
+        engine = self.engine
+        if self.tolerate_outages or engine is None or engine.down_since is None:
             return
-        if time.monotonic() - down_since > self.outage_timeout_s:
-            reason = self.engine.reason() if hasattr(self.engine, "reason") else "not ready"
+        if time.monotonic() - engine.down_since > self.outage_timeout_s:
+            reason = engine.reason()
             waited = f"{self.outage_timeout_s:g}s"
             self._fail(EngineError(f"the server has not been ready for {waited}: {reason}"))
 
@@ -368,9 +264,7 @@ class Run:
             ) as (engine, limit):
                 self.engine = engine
                 self._fixed_limit = limit
-                gate = getattr(engine, "gate", None)
-                if not isinstance(gate, Gate):
-                    gate = Gate(lambda: self._fixed_limit)
+                gate = engine.gate if engine.gate is not None else Gate(lambda: self._fixed_limit)
                 self.gate = gate
                 try:
                     await self._issue(engine, gate, tasks)
@@ -388,8 +282,20 @@ class Run:
             self._flush()
             self.summary.finished = time.monotonic()
             self.summary.coverage = self.planner.coverage()
-            self.store.close(**self._manifest_extra())
-            self.dedup.close()
+            try:
+                self.rejects.flush(force=True)
+                self.timeseries.maybe_append(self.summary.as_dict(), force=True)
+            except OSError as exc:  # a full disk: side files only; the store decides below
+                log.warning("cannot write the run's side files: %s", exc)
+            try:
+                self.store.close(**self._manifest_extra())
+            except StoreError as exc:  # a full disk at the end: what was reported is durable
+                self._store_failed(exc, final=True)
+            finally:
+                try:
+                    self.dedup.close()
+                except OSError as exc:
+                    self._store_failed(exc, final=True)
         if self.fatal is not None:
             raise self.fatal
         return self.summary
@@ -409,6 +315,9 @@ class Run:
                     break
             else:
                 backoff_logged = False
+            if self.store_blocked is not None:  # daemon: the disk is full; wait it out
+                await self._pause(1.0)
+                continue
             if not await self._acquire(gate):
                 break
             while self.hold is not None and self.hold() and not self.stop_event.is_set():
@@ -435,6 +344,7 @@ class Run:
                 "accepted_tokens": old.get("accepted_tokens", 0) + s.accepted_tokens,
             },
             "coverage": self.planner.coverage(),
+            "rejected_sample": self.rejects.counts(),
             "last_run": s.as_dict(),
         }
 
@@ -456,9 +366,9 @@ class Run:
                 sampling=sampling,
             )
         except EngineError as exc:
-            self._reject(request, "engine_error")
+            self._reject(request, RunReason.engine_error, message=str(exc))
             s.engine_errors += 1
-            if getattr(engine, "ready", True):
+            if engine.ready:
                 self.consecutive_errors += 1  # during an outage the engine's own state rules
                 log.warning("engine error: %s", exc)
             else:  # the outage itself is logged once, by the engine
@@ -474,56 +384,98 @@ class Run:
             self.on_completion(completion)
         s.prompt_tokens += completion.prompt_tokens
         s.completion_tokens += completion.completion_tokens
-        try:
-            record = validate(
-                completion.content,
-                request,
-                finish_reason=completion.finish_reason,
-                model=engine.model,
-                engine=engine.name,
-                sampling=sampling,
-            )
-            filters.check(record)
-            record.split = split_for(record.group_id, self.config.splits)
-            key, mh = self.dedup.signature(conversation_text(record))
-            reason = self.dedup.check(key, mh, record)
-            if reason is not None:
-                raise Rejected(reason, "seen before")
-        except Rejected as rej:
-            self._reject(request, rej.reason)
-            return
-        if self.reached:  # surplus beyond the target: not accepted, not a rejection
+        item = Item(
+            request,
+            completion.content,
+            finish_reason=completion.finish_reason,
+            completion_tokens=completion.completion_tokens,
+            model=engine.model,
+            engine=engine.name,
+            sampling=sampling,
+        )
+        outcome = self.chain.process(item)
+        if outcome.reason is StoreReason.surplus:  # beyond the target: not a rejection
             self.planner.rejected(request)
             return
-        self.dedup.add(key, mh)
-        if self.store.add(record):
-            self.pending[record.id] = (request, completion.completion_tokens)
-            if len(self.pending) >= self.config.store.flush_records:
-                self._flush()
-        else:
-            self._reject(request, "duplicate")
+        if outcome.reason is not None:
+            self._reject(request, outcome.reason, item.content, outcome.message, item.finish_reason)
+            return
+        assert item.record is not None
+        self.pending[item.record.id] = (request, completion.completion_tokens)
+        if len(self.pending) >= self.config.store.flush_records:
+            self._flush()
 
-    def _reject(self, request: Request, reason: str) -> None:
-        self.summary.rejected[reason] += 1
+    def _reject(
+        self,
+        request: Request,
+        reason: StrEnum,
+        raw: str | None = None,
+        message: str = "",
+        finish_reason: str = "",
+    ) -> None:
+        self.summary.rejected[str(reason)] += 1
+        if raw is not None:  # an engine error has no answer to keep
+            self.rejects.add(
+                str(reason), request, raw, message=message, finish_reason=finish_reason
+            )
         self.planner.rejected(request)
         if self.on_progress:
             self.on_progress(self.summary)
 
     async def _flush_loop(self) -> None:
         last_manifest = time.monotonic()
+        backoff = 1.0
         while True:
             await asyncio.sleep(self.config.store.flush_interval_s)
+            if self.store_blocked is not None:
+                await self._pause(backoff)
+                backoff = min(30.0, backoff * 2)
+                if not self.store.probe():  # a real append: a flush of nothing proves nothing
+                    self.store_blocked = None
+                    self._flush()
+                    if self.store_blocked is None:
+                        log.warning("the store is writable again: resuming")
+                        backoff = 1.0
+                continue
             rotations = self.store.rotations
             self._flush()
+            try:
+                self.rejects.flush()
+                self.timeseries.maybe_append(self.summary.as_dict())
+            except OSError as exc:  # side files: the store's own writes decide what stops
+                log.warning("cannot write the run's side files: %s", exc)
             now = time.monotonic()
             if self.store.rotations != rotations or now - last_manifest > 30:
-                self.store.write_manifest(**self._manifest_extra())
+                try:
+                    self.store.write_manifest(**self._manifest_extra())
+                except StoreError as exc:
+                    self._store_failed(exc)
                 last_manifest = now
 
     def _flush(self) -> None:
+        try:
+            self._flush_store()
+        except (StoreError, OSError) as exc:  # a full disk; OSError: the dedup log's
+            self._store_failed(exc)
+
+    def _store_failed(self, exc: Exception, final: bool = False) -> None:
+        """The disk refused a write: a build stops (one line); a daemon pauses and retries."""
+        err = disk_error("writing the dedup index", exc) if isinstance(exc, OSError) else exc
+        if self.tolerate_outages and not final:
+            if self.store_blocked is None:
+                log.error("store not writable, pausing until it is: %s", err)
+            self.store_blocked = str(err)
+            return
+        self._fail(
+            StoreError(
+                f"{err}; {self.store.count} records are durable in {self.config.out}; "
+                "free space (or fix the disk) and run again to resume"
+            )
+        )
+
+    def _flush_store(self) -> None:
         # Dedup first: a signature without its record only blocks a record nobody saw.
         self.dedup.sync()
-        plan = self.config.plan
         while done := self.store.flush():
             for record in done:
                 entry = self.pending.pop(record.id, None)
@@ -535,9 +487,6 @@ class Run:
                     self.planner.accepted(request, record)
                     self.summary.accepted += 1
                     self.summary.accepted_tokens += tokens
-                    if pairs.selected(record, plan.minimal_pairs):
-                        for pair in pairs.derive(record, plan.minimal_pair_kinds):
-                            self.store.add(pair)
                 if self.on_record is not None:
                     self.on_record(record)
         if self.on_progress:

@@ -20,20 +20,32 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter, deque
-from typing import Annotated, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
 
+from dreamgen import segments
 from dreamgen.cards import Card, CardSet, example_json
-from dreamgen.pairs import PairKind
-from dreamgen.record import Axes, Mode, Record
-from dreamgen.taxonomy import DIFFICULTY, CueKind, DistractorKind, Domain, Emotion, Momentum
+from dreamgen.config import PlanConfig
+from dreamgen.pairs import CONTRADICTIONS
+from dreamgen.record import Axes, Record
+from dreamgen.request import Cell, Request
+from dreamgen.taxonomy import (
+    DESCRIPTIONS,
+    DIFFICULTY,
+    CueKind,
+    DistractorKind,
+    Domain,
+    Emotion,
+    Momentum,
+    Stakes,
+    all_values,
+)
 
-Cell = tuple[str, str, int]  # (cue_kind, distractor_kind, difficulty)
 # The bucket undirected records fill; kept in the same counters as the cells so that a
 # planner rebuilt on reload (which copies ``filled`` and ``inflight``) keeps it too.
 UNDIRECTED: Cell = ("undirected", "*", 0)
+# Stakes values with a quota of their own (direction vs correctness); "none" is the rest.
+STAKES: tuple[str, ...] = tuple(s.value for s in Stakes if s != Stakes.none)
 
 OPERATORS: dict[str, str] = {
     "subtler_cue": "make the user's direction subtler: shorter, less explicit, easier to miss, "
@@ -51,44 +63,20 @@ OPERATORS: dict[str, str] = {
 }
 
 
-class PlanConfig(BaseModel):
-    """What the planner aims for."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    seed: int = 0
-    difficulty_min: Annotated[int, Field(ge=1, le=5)] = 1
-    difficulty_max: Annotated[int, Field(ge=1, le=5)] = 5
-    schedule: Literal["uniform", "broad_to_subtle"] = "uniform"
-    evolve_share: Annotated[float, Field(ge=0, le=1)] = 0.0
-    undirected_share: Annotated[float, Field(ge=0, le=1)] = 0.0
-    max_generation: Annotated[int, Field(ge=1, le=10)] = 3
-    # Relative cell weights: keys "cue_kind/distractor_kind/difficulty", "*" matches any.
-    quotas: dict[str, float] = {}
-    # Share of accepted scenarios that also get minimal-pair variants (chosen by record id,
-    # so the choice is stable across runs); which variants to derive.
-    minimal_pairs: Annotated[float, Field(ge=0, le=1)] = 0.0
-    minimal_pair_kinds: list[PairKind] = ["cue_removed", "cue_contradicted"]
-
-
-class Request(BaseModel):
-    """One planned model call and everything needed to turn its answer into a Record."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    index: int
-    card: str
-    mode: Mode
-    schema_name: Literal["scenario", "scenario_undirected"]
-    axes: Axes | None  # None when the model chooses (undirected)
-    difficulty: int | None
-    cell: Cell | None
-    group_id: str | None = None
-    parent_id: str | None = None
-    generation: int = 0
-    operator: str | None = None
-    messages: list[dict[str, str]]
-    prompt_hash: str
+def prompt_fingerprint(cards: CardSet) -> str:
+    """A hash of every text that shapes what the model is asked: the card library (files)
+    and the prompt text held in code (taxonomy values and descriptions, difficulty levels,
+    evolution operators, minimal-pair contradictions). An output folder built under other
+    texts is a different dataset, so the store refuses to resume into it."""
+    texts = {
+        "cards": cards.fingerprint,
+        "taxonomy": all_values(),
+        "descriptions": DESCRIPTIONS,
+        "difficulty": {str(k): v for k, v in DIFFICULTY.items()},
+        "operators": OPERATORS,
+        "contradictions": list(CONTRADICTIONS),
+    }
+    return hashlib.sha256(orjson.dumps(texts, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
 def cell_of(record: Record) -> Cell:
@@ -112,6 +100,9 @@ class Planner:
         self.filled: Counter[Cell] = Counter()
         self.inflight: Counter[Cell] = Counter()
         self.domains: Counter[str] = Counter()
+        # Directed and evolved records (and requests) by stakes value; orthogonal to cells.
+        self.stakes_filled: Counter[str] = Counter()
+        self.stakes_inflight: Counter[str] = Counter()
         self.parents: deque[Record] = deque(maxlen=2000)
         self.cells = self._cells()
         self.quota = self._quotas()
@@ -210,18 +201,21 @@ class Planner:
     def _slot(request: Request) -> Cell | None:
         return UNDIRECTED if request.mode == "undirected" else request.cell
 
-    def accepted(self, request: Request, record: Record) -> None:
-        """A request's record is durable: it counts toward coverage and may become a parent."""
+    def _release(self, request: Request) -> None:
         slot = self._slot(request)
         if slot is not None:
             self.inflight[slot] -= 1
+        if request.axes is not None:
+            self.stakes_inflight[request.axes.stakes] -= 1
+
+    def accepted(self, request: Request, record: Record) -> None:
+        """A request's record is durable: it counts toward coverage and may become a parent."""
+        self._release(request)
         self.observe(record)
 
     def rejected(self, request: Request) -> None:
         """A request failed: it frees its cell and counts for nothing."""
-        slot = self._slot(request)
-        if slot is not None:
-            self.inflight[slot] -= 1
+        self._release(request)
 
     def observe(self, record: Record) -> None:
         """Count a record already in the store (used on resume and for accepted records).
@@ -231,6 +225,8 @@ class Planner:
         if record.mode == "minimal_pair":
             return
         self.filled[UNDIRECTED if record.mode == "undirected" else cell_of(record)] += 1
+        if record.mode != "undirected":
+            self.stakes_filled[record.axes.stakes] += 1
         self.domains[record.axes.domain] += 1
         if record.generation < self.config.max_generation:
             self.parents.append(record)
@@ -251,6 +247,18 @@ class Planner:
             }
             for c in self.cells
         ]
+        quota = self.stakes_quota()
+        for value in STAKES:
+            if self.config.stakes_share > 0 or self.stakes_filled[value]:
+                rows.append(
+                    {
+                        "cue_kind": f"(stakes {value})",
+                        "distractor_kind": "*",
+                        "difficulty": "*",
+                        "filled": self.stakes_filled[value],
+                        "quota": quota[value] if quota is not None else None,
+                    }
+                )
         if self.config.undirected_share > 0 or self.filled[UNDIRECTED]:
             rows.append(
                 {
@@ -316,18 +324,29 @@ class Planner:
             momentum=Momentum(self.rng.choice(card.momentum)),
         )
 
-    def _system(self) -> str:
-        pool = self.cards.examples
-        example = example_json(pool[self.index % len(pool)]) if pool else "(none)"
-        return self.cards.render("system.j2", example=example)
+    def _system(self) -> tuple[str, str]:
+        """The system prompt and the id of the worked example it shows ("" if none)."""
+        pool = list(self.cards.examples_by_id.items())
+        if not pool:
+            return self.cards.render("system.j2", example="(none)"), ""
+        example_id, example = pool[self.index % len(pool)]
+        return self.cards.render("system.j2", example=example_json(example)), example_id
 
     def _request(self, card: str, user: str, **fields: object) -> Request:
+        system, example_id = self._system()
         messages = [
-            {"role": "system", "content": self._system()},
+            {"role": "system", "content": system},
             {"role": "user", "content": user},
         ]
         digest = hashlib.sha256(orjson.dumps(messages)).hexdigest()[:16]
-        return Request(index=self.index, card=card, messages=messages, prompt_hash=digest, **fields)
+        return Request(
+            index=self.index,
+            card=card,
+            messages=messages,
+            prompt_hash=digest,
+            example=example_id,
+            **fields,
+        )
 
     def _directed(self, cell: Cell) -> Request:
         card = self._card_for(cell)
@@ -422,22 +441,23 @@ def _parent_text(parent: Record) -> str:
         lines = [f"{m.role}: {m.content}" for m in msgs]
         lines.append(f"assistant: {parent.target.content}")
         return "\n".join(lines)
-    it, dt = msgs[idea_i].content, msgs[dec_i].content
+    i_before, _, i_after = segments.split(msgs[idea_i].content, idea.start, idea.end)
+    d_before, _, d_after = segments.split(msgs[dec_i].content, cue.start, cue.end)
     data = {
         "opening": msgs[0].content,
         "exchanges": [
             {"assistant": msgs[i].content, "user": msgs[i + 1].content} for i in range(1, idea_i, 2)
         ],
         "idea_turn": {
-            "before": it[: idea.start],
+            "before": i_before,
             "idea": idea.text,
-            "after": it[idea.end :],
+            "after": i_after,
             "kind": idea.kind,
         },
         "decision_turn": {
-            "before": dt[: cue.start],
+            "before": d_before,
             "cue": cue.text,
-            "after": dt[cue.end :],
+            "after": d_after,
             "kind": cue.kind,
         },
         "listening": parent.target.content,

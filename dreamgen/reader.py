@@ -31,8 +31,10 @@ from typing import Protocol
 import orjson
 from pydantic import ValidationError
 
+from dreamgen.errors import first_error
 from dreamgen.record import Record
-from dreamgen.store import MANIFEST, SHARDS, StoreError, shard_index
+from dreamgen.shards import closed_shards
+from dreamgen.store import MANIFEST, SHARDS, StoreError
 
 
 class _EventLike(Protocol):
@@ -44,16 +46,11 @@ class _EventLike(Protocol):
 Stop = Callable[[], bool] | _EventLike
 
 
-def closed_shards(out: Path) -> list[Path]:
-    """The closed shards of an output folder, in write order."""
-    return sorted(Path(out, SHARDS).glob("part-*.jsonl"), key=lambda p: shard_index(p.name))
-
-
 def manifest_state(out: Path) -> str | None:
     """The manifest's ``state`` (``running``, ``complete``, ``stopped``), None if unreadable."""
     try:
         state = orjson.loads((Path(out) / MANIFEST).read_bytes()).get("state")
-    except (OSError, orjson.JSONDecodeError, AttributeError):
+    except (OSError, orjson.JSONDecodeError, AttributeError):  # a non-object is no manifest
         return None
     return state if isinstance(state, str) else None
 
@@ -139,6 +136,6 @@ def _records(file: Path) -> Iterator[Record]:
             try:
                 yield Record.model_validate_json(line)
             except ValidationError as exc:
-                err = exc.errors()[0]
-                loc = ".".join(str(p) for p in err["loc"]) or "record"
-                raise StoreError(f"{file}:{n}: invalid record: {loc}: {err['msg']}") from None
+                raise StoreError(
+                    f"{file}:{n}: invalid record: {first_error(exc, 'record')}"
+                ) from None

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dreamgen.taxonomy import CueKind, DistractorKind, Domain, Emotion, Momentum
+from dreamgen.taxonomy import CueKind, DistractorKind, Domain, Emotion, Momentum, Stakes
 
 SCHEMA_VERSION = 1
 
@@ -57,6 +57,7 @@ class Axes(_Model):
     domain: Domain
     emotion: Emotion
     momentum: Momentum
+    stakes: Stakes = Stakes.none  # direction vs correctness; records before it read as none
 
 
 class Sampling(_Model):
@@ -81,6 +82,22 @@ class Quality(_Model):
     variant: str = ""
     target_follows: str = ""
     replaced_cue: str = ""
+    # The LLM judge (``dreamgen.judge``; a minimal pair carries its parent's). Fixed types,
+    # 0 / "" / False while ``judged`` is False: every shard keeps one schema.
+    # The copy filter (``dreamgen.copies``): the higher share of the conversation's or the
+    # responses' word n-grams copied from what the prompt showed.
+    copy_share: float = 0.0
+    judged: bool = False
+    judge_model: str = ""
+    judge_pairwise: float = 0.0  # share of the two A/B orders that picked the target
+    judge_agree: bool = False  # both orders picked the same response (no position bias)
+    judge_cue_direction: float = 0.0  # share of cues both orders say carry direction
+    judge_kind_agreement: float = 0.0  # share of (cue, order) whose judged kind is the label
+    judge_distractor_own: float = 0.0  # share of distractors both say are the assistant's own
+    judge_coherence: float = 0.0  # 1-5, mean of the two orders
+    judge_difficulty: float = 0.0  # 1-5, mean of the two orders
+    judge_problem_named: bool = False  # both orders: the target names the user's error/risk
+    judge_failed: str = ""  # failed checks, comma-separated (kept only in judge.mode "score")
 
 
 class Provenance(_Model):
@@ -120,19 +137,22 @@ class Record(_Model):
     @property
     def target_index(self) -> int:
         """The ``Span.message`` value that names the target response."""
-        return len(self.messages)
+        return target_index(len(self.messages))
 
     @property
     def contrast_index(self) -> int:
         """The ``Span.message`` value that names the contrast response."""
-        return len(self.messages) + 1
+        return contrast_index(len(self.messages))
+
+    def is_response(self, message: int) -> bool:
+        """Whether a ``Span.message`` value names the target or the contrast."""
+        return message >= target_index(len(self.messages))
 
     def content_of(self, message: int) -> str:
         """The text a span's ``message`` field points at."""
-        n = len(self.messages)
-        if message == n:
+        if message == self.target_index:
             return self.target.content
-        if message == n + 1:
+        if message == self.contrast_index:
             return self.contrast.content
         return self.messages[message].content
 
@@ -156,15 +176,27 @@ class Record(_Model):
             if content[span.start : span.end] != span.text:
                 raise ValueError(f"span text {span.text!r} != message[{span.start}:{span.end}]")
         for span in self.cues:
-            if span.message >= len(self.messages) or self.messages[span.message].role != "user":
+            if self.is_response(span.message) or self.messages[span.message].role != "user":
                 raise ValueError("a cue must lie in a user turn")
         for span in self.distractors:
             if span.message == self.target_index:
                 raise ValueError("a distractor cannot lie in the target response")
-            n = len(self.messages)
-            if span.message < n and self.messages[span.message].role != "assistant":
+            if (
+                not self.is_response(span.message)
+                and self.messages[span.message].role != "assistant"
+            ):
                 raise ValueError("a distractor must lie in an assistant turn or the contrast")
         return self
+
+
+def target_index(n_messages: int) -> int:
+    """``Span.message`` of the target in an exchange of ``n_messages`` context messages."""
+    return n_messages
+
+
+def contrast_index(n_messages: int) -> int:
+    """``Span.message`` of the contrast in an exchange of ``n_messages`` context messages."""
+    return n_messages + 1
 
 
 def _norm(text: str) -> str:

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from dreamgen.cards import Card
 from dreamgen.config import Config
+from dreamgen.labelled import Labelled
 from dreamgen.record import Record
 from dreamgen.scenario import SCHEMAS
 
@@ -21,6 +22,7 @@ def render() -> dict[str, bytes]:
         "record": Record,
         "card": Card,
         "config": Config,
+        "labelled": Labelled,
         **SCHEMAS,
     }
     return {

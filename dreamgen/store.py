@@ -5,7 +5,8 @@ Layout::
     OUT/manifest.json                    replaced atomically (tmp, fsync, rename, fsync dir)
     OUT/shards/part-000000.jsonl         closed shards: immutable, what readers read
     OUT/shards/part-000001.jsonl.open    the open shard: readers ignore it
-    OUT/.lock                            held (flock) by the one process writing OUT
+    OUT/.lock                            the writer's pid (the lock: flock on OUT itself)
+    OUT/quarantine/                      shards ``--repair`` set aside, noted in the manifest
 
 The filesystem is the truth. On open, the store recovers the open shard (drops a torn
 last line, keeps every complete one, and goes on appending to it), re-reads the closed
@@ -15,6 +16,12 @@ it twice. A shard is closed (renamed to ``part-NNNNNN.jsonl``) when it holds
 ``shard_records`` records or its first record is ``shard_age_s`` old; every closure and
 every open writes the manifest.
 
+Evidence stays: on open, every closed shard must match the manifest's checksum and no id
+may be in two shards; otherwise the store refuses (``repair=True`` quarantines the shard)
+before changing anything. A disk that fails (full, read-only, I/O error) raises
+``DiskError``; what was reported is durable, the failed batch stays queued, and a later
+``flush`` retries it. Stale temp files are removed at open.
+
 Manifest ``state``: ``running`` while a writer has OUT open (or was killed), ``complete``
 once a run closed the store with its target reached, ``stopped`` when a run closed it
 early (signal, daemon stop). ``dreamgen.read(..., follow=True)`` ends on ``complete``.
@@ -23,7 +30,7 @@ early (signal, daemon stop). ``dreamgen.read(..., follow=True)`` ends on ``compl
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import hashlib
 import logging
 import os
@@ -33,95 +40,46 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict
+from pydantic import ValidationError
 
-from dreamgen import __version__
+from dreamgen.diskio import (
+    DiskError,
+    StoreError,
+    atomic_write,
+    disk_error,
+    file_sha256,  # noqa: F401 (re-exported: callers import it from here)
+    fsync_dir,
+    lock_folder,
+    probe_write,
+    remove_stale_temps,
+)
+from dreamgen.errors import first_error
 from dreamgen.record import SCHEMA_VERSION, Record
+from dreamgen.shards import (
+    OPEN_SUFFIX,
+    QUARANTINE,
+    SHARDS,
+    ManifestShape,
+    ShardInfo,
+    ShardProblem,
+    closed_shards,
+    is_open_shard,
+    parse_listed,
+    quarantine,
+    read_closed,
+    recover_lines,
+    shard_index,
+    shard_name,
+    stray_files,
+    trim_open,
+)
+from dreamgen.version import __version__
 
 log = logging.getLogger("dreamgen.store")
 
 MANIFEST = "manifest.json"
-SHARDS = "shards"
-OPEN_SUFFIX = ".open"
 LOCK = ".lock"
 STORE_FORMAT = 1
-
-
-class StoreError(Exception):
-    """The output folder cannot be used (unwritable, a different run's config, corrupt)."""
-
-
-class ShardInfo(BaseModel):
-    """A closed shard as the manifest lists it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    records: int
-    sha256: str
-    bytes: int
-    closed_at: float | None = None
-
-
-def shard_name(index: int) -> str:
-    return f"part-{index:06d}.jsonl"
-
-
-def shard_index(name: str) -> int:
-    """``part-000042.jsonl[.open]`` → 42."""
-    return int(name.split("-", 1)[1].split(".", 1)[0])
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so a reader sees the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two writers never share one
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def recover_lines(path: Path) -> tuple[list[bytes], int]:
-    """The complete, valid lines of an open shard and how many bytes of torn tail were dropped.
-
-    A crash can leave a partial last line (no newline, or not valid JSON): it was never
-    reported accepted, so dropping it loses nothing. The good lines are always a prefix
-    of the file, so recovery is a truncation. Corruption before the last line is not a
-    crash's doing: it raises StoreError.
-    """
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    tail = lines.pop()  # after the last newline: empty, or a torn line
-    good: list[bytes] = []
-    dropped = len(tail)
-    for i, line in enumerate(lines):
-        try:
-            orjson.loads(line)
-        except orjson.JSONDecodeError:
-            if i == len(lines) - 1:  # a torn write whose newline landed: still the tail
-                dropped += len(line) + 1
-                continue
-            raise StoreError(f"{path}: line {i + 1} is corrupt (not a torn tail)") from None
-        good.append(line)
-    return good, dropped
 
 
 class Store:
@@ -137,6 +95,7 @@ class Store:
         shard_age_s: float = 600.0,
         force: bool = False,
         target: int | None = None,
+        repair: bool = False,
     ) -> None:
         self.out = Path(out)
         self.shards_dir = self.out / SHARDS
@@ -145,6 +104,7 @@ class Store:
         self.shard_records = max(1, shard_records)
         self.shard_age_s = shard_age_s
         self.target = target
+        self.repair = repair
         self.closed: list[ShardInfo] = []
         self.ids: set[str] = set()
         self.pending: dict[str, bytes] = {}
@@ -157,6 +117,9 @@ class Store:
         self.meta: dict[str, Any] = {}
         self.torn_bytes_dropped = 0
         self.torn_lines_dropped = 0
+        # The last write failure (disk full, read-only, I/O error); None while writes work.
+        self.failure: DiskError | None = None
+        self._manifest_due = False  # a manifest write failed: retried before the next flush
         self._hash = hashlib.sha256()
         self._open_file: IO[bytes] | None = None
         self._lock_fd: int | None = None
@@ -172,34 +135,57 @@ class Store:
     def _prepare(self, force: bool) -> None:
         try:
             self.shards_dir.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StoreError(f"cannot write to {self.out}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd = lock_folder(self.out)
         except BlockingIOError:
-            holder = os.pread(self._lock_fd, 32, 0).decode(errors="replace").strip()
+            holder = ""
+            with contextlib.suppress(OSError):
+                holder = (self.out / LOCK).read_text(errors="replace").strip()[:32]
             raise StoreError(
                 f"{self.out} is being written by another dreamgen process"
                 + (f" (pid {holder})" if holder else "")
                 + "; one writer per output folder"
             ) from None
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            raise StoreError(f"cannot write to {self.out}: {exc.strerror or exc}") from exc
+        # The pid is only for the message above; the lock is the flock on the folder.
+        with contextlib.suppress(OSError):
+            (self.out / LOCK).write_text(f"{os.getpid()}\n")
+        try:
+            for tmp in remove_stale_temps(self.out, self.shards_dir):
+                log.info("removed a stale temp file %s", tmp)
+        except OSError as exc:
+            raise disk_error(f"cleaning {self.out}", exc) from exc
         manifest = self.out / MANIFEST
+        listed: dict[str, ShardInfo] = {}
         if manifest.exists():
-            try:
-                self.meta = orjson.loads(manifest.read_bytes())
-            except orjson.JSONDecodeError as exc:
-                raise StoreError(f"{manifest} is not valid JSON: {exc}") from exc
+            listed = self._read_manifest(manifest)
             self._check_compatible(force)
-        listed = {s["name"]: s for s in self.meta.get("shards", []) if isinstance(s, dict)}
-        for path in sorted(self.shards_dir.glob("part-*.jsonl")):
-            self.closed.append(self._load_closed(path, listed.get(path.name)))
-        opens = sorted(self.shards_dir.glob(f"part-*.jsonl{OPEN_SUFFIX}"), key=lambda p: p.name)
-        for i, path in enumerate(opens):
-            last = i == len(opens) - 1 and shard_index(path.name) >= self._next_index()
-            self._recover_open(path, keep_open=last)
+        # Verify everything before changing anything: nothing is truncated, renamed or
+        # rewritten (the manifest least of all) while the folder may be evidence.
+        for path in closed_shards(self.out):
+            info = self._verify_closed(path, listed.pop(path.name, None))
+            if info is not None:
+                self.closed.append(info)
+        for name in listed:  # listed, not on disk
+            self._problem(self.shards_dir / name, "is listed in the manifest but missing")
+        opens = sorted(
+            (p for p in self.shards_dir.glob(f"part-*.jsonl{OPEN_SUFFIX}") if is_open_shard(p)),
+            key=lambda p: shard_index(p.name),
+        )
+        recovered = []
+        for path in opens:
+            try:
+                recovered.append((path, recover_lines(path)))
+            except StoreError as exc:
+                self._problem(path, str(exc).removeprefix(f"{path}: "))
+        for stray in stray_files(self.out):
+            log.warning("%s is not a shard: ignored (and not part of the dataset)", stray)
+        try:
+            for i, (path, lines) in enumerate(recovered):
+                last = i == len(recovered) - 1 and shard_index(path.name) >= self._next_index()
+                self._recover_open(path, lines, keep_open=last)
+        except OSError as exc:
+            raise disk_error(f"recovering the open shard in {self.shards_dir}", exc) from exc
         self.closed.sort(key=lambda s: shard_index(s.name))
         if self._open_file is None and self.open_count == 0:
             self._start_shard()
@@ -213,6 +199,50 @@ class Store:
         )
         # Written before any record: the fingerprint guards OUT from the first line on.
         self.write_manifest(state="running")
+
+    def _read_manifest(self, manifest: Path) -> dict[str, ShardInfo]:
+        try:
+            meta = orjson.loads(manifest.read_bytes())
+        except orjson.JSONDecodeError as exc:
+            raise StoreError(f"{manifest} is not valid JSON: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot read {manifest}: {exc.strerror or exc}") from exc
+        if not isinstance(meta, dict):
+            raise StoreError(f"{manifest} is not a dreamgen manifest (not a JSON object)")
+        listed = parse_listed(meta, manifest)
+        try:
+            checked = ManifestShape.model_validate(meta)
+        except ValidationError as exc:
+            raise StoreError(f"{manifest}: {first_error(exc, 'manifest')}") from None
+        self.meta = meta
+        self.meta.update(checked.model_dump(exclude_unset=True, exclude_none=True))
+        return listed
+
+    def _verify_closed(self, path: Path, listed: ShardInfo | None) -> ShardInfo | None:
+        """The verified shard, or None if ``--repair`` quarantined it."""
+        try:
+            info, ids = read_closed(path, listed, self.ids)
+        except ShardProblem as exc:
+            self._problem(path, exc.reason)
+            return None
+        self.ids.update(ids)
+        return info
+
+    def _problem(self, path: Path, reason: str) -> None:
+        """A shard that does not verify: refuse (one line), or quarantine it with a note."""
+        if not self.repair:
+            raise StoreError(
+                f"{path}: {reason}; restore it, or resume with --repair to move it to "
+                f"{self.out / QUARANTINE}/ and rebuild the counts from what verifies"
+            )
+        note: dict[str, Any] = {"shard": path.name, "reason": reason, "at": time.time()}
+        if path.exists():
+            try:
+                note = quarantine(self.out, path, reason)
+            except OSError as exc:
+                raise disk_error(f"moving {path} to {QUARANTINE}/", exc) from exc
+        log.warning("%s: %s: quarantined (%s)", path, reason, note.get("moved_to", "missing"))
+        self.meta.setdefault("quarantine", []).append(note)
 
     def _check_compatible(self, force: bool) -> None:
         old_schema = self.meta.get("schema_version")
@@ -238,55 +268,21 @@ class Store:
         )
         log.warning("%s: continuing with a changed config (%s)", self.out, changed)
 
-    def _load_closed(self, path: Path, listed: dict[str, Any] | None) -> ShardInfo:
-        data = path.read_bytes()
-        count = 0
-        for n, line in enumerate(data.splitlines(), 1):
-            try:
-                rid = orjson.loads(line)["id"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                raise StoreError(f"{path}:{n}: corrupt line in a closed shard") from None
-            self.ids.add(rid)
-            count += 1
-        if data and not data.endswith(b"\n"):
-            raise StoreError(f"{path}: closed shard does not end with a newline")
-        digest = _sha(data)
-        if listed is not None and listed.get("sha256") not in (None, digest):
-            log.warning("%s: checksum differs from the manifest; using the file", path)
-        closed_at = listed.get("closed_at") if listed is not None else None
-        return ShardInfo(
-            name=path.name, records=count, sha256=digest, bytes=len(data), closed_at=closed_at
-        )
-
-    def _recover_open(self, path: Path, *, keep_open: bool) -> None:
-        good, dropped = recover_lines(path)
+    def _recover_open(
+        self, path: Path, recovered: tuple[list[bytes], int], *, keep_open: bool
+    ) -> None:
+        good, dropped = recovered
         if dropped:
             self.torn_bytes_dropped += dropped
             self.torn_lines_dropped += 1
             log.warning("%s: dropped a torn last line (%d bytes)", path, dropped)
-        kept: list[bytes] = []
-        for line in good:
-            rid = orjson.loads(line)["id"]
-            if rid not in self.ids:  # never expected: add() refuses known ids
-                self.ids.add(rid)
-                kept.append(line)
+        data, kept = trim_open(path, good, dropped, self.ids)
         if not kept:
-            path.unlink()
-            fsync_dir(self.shards_dir)
             return
-        data = b"".join(line + b"\n" for line in kept)
-        if len(kept) == len(good):  # the usual case: cut the torn tail off in place
-            if dropped:
-                with open(path, "r+b") as f:
-                    f.truncate(len(data))
-                    f.flush()
-                    os.fsync(f.fileno())
-        else:
-            atomic_write(path, data)
         if keep_open:  # go on appending to it: a restart does not leave a small shard
             self.open_path = path
-            self._open_file = open(path, "ab")  # noqa: SIM115 (lives with the store)
-            self.open_count = len(kept)
+            self._open_file = open(path, "ab", buffering=0)  # noqa: SIM115 (lives with the store)
+            self.open_count = kept
             self.open_bytes = len(data)
             self._hash = hashlib.sha256(data)
             self.open_first_at = time.monotonic()
@@ -297,8 +293,8 @@ class Store:
         self.closed.append(
             ShardInfo(
                 name=final.name,
-                records=len(kept),
-                sha256=_sha(data),
+                records=kept,
+                sha256=hashlib.sha256(data).hexdigest(),
                 bytes=len(data),
                 closed_at=time.time(),
             )
@@ -337,8 +333,13 @@ class Store:
         """Write and fsync queued records; returns them, now durable and safe to report.
 
         A shard never holds more than ``shard_records``: a batch that crosses the limit
-        is split, the full shard closed, the rest written to the next.
+        is split, the full shard closed, the rest written to the next. A failed write
+        raises DiskError: the batch stays queued (unreported), the shard is cut back to
+        its last durable byte, and a later ``flush`` retries (a daemon waits out a full
+        disk this way).
         """
+        if self._manifest_due:
+            self.write_manifest()
         done: list[Record] = []
         while self.pending_records:
             if self.open_count >= self.shard_records:  # e.g. resumed with a smaller limit
@@ -357,25 +358,35 @@ class Store:
             if self.open_count >= self.shard_records:
                 self.rotate()
         self._maybe_rotate()
+        self.failure = None
         return done
 
+    def _fail(self, what: str, exc: OSError) -> DiskError:
+        self.failure = disk_error(what, exc)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            log.error("%s", self.failure)
+        return self.failure
+
     def _append(self, data: bytes) -> None:
-        if self._open_file is None:
-            self._open_file = open(self.open_path, "ab")  # noqa: SIM115
-            fsync_dir(self.shards_dir)
-        f = self._open_file
-        pos = f.tell()
         try:
-            f.write(data)
-            f.flush()
+            if self._open_file is None:
+                # Unbuffered: after a failed write no stale bytes wait in a buffer.
+                self._open_file = open(self.open_path, "ab", buffering=0)  # noqa: SIM115
+                fsync_dir(self.shards_dir)
+            f = self._open_file
+            if self.failure is not None:
+                f.truncate(self.open_bytes)  # a tail an earlier failure could not cut
+            view = memoryview(data)
+            while view:
+                view = view[f.write(view) or 0 :]
             os.fsync(f.fileno())
-        except OSError:
-            # Disk full or similar: cut the partial batch off so the file stays a clean
-            # prefix; the records stay queued and were not reported.
-            with contextlib.suppress(OSError):
-                f.truncate(pos)
-                f.seek(pos)
-            raise
+        except OSError as exc:
+            # Cut the partial batch off so the file stays a clean prefix; the records
+            # stay queued and were not reported.
+            if self._open_file is not None:
+                with contextlib.suppress(OSError):
+                    self._open_file.truncate(self.open_bytes)
+            raise self._fail(f"writing {self.open_path}", exc) from exc
         self._hash.update(data)
         self.open_bytes += len(data)
 
@@ -389,12 +400,17 @@ class Store:
         """Close the open shard (it becomes visible to readers) and start a new one."""
         if self.open_count == 0:
             return
-        if self._open_file is not None:
-            self._open_file.close()
-            self._open_file = None
         final = self.open_path.with_name(self.open_path.name.removesuffix(OPEN_SUFFIX))
-        os.replace(self.open_path, final)
-        fsync_dir(self.shards_dir)
+        try:
+            if self._open_file is not None:
+                if self.failure is not None:
+                    self._open_file.truncate(self.open_bytes)
+                self._open_file.close()
+                self._open_file = None
+            os.replace(self.open_path, final)
+            fsync_dir(self.shards_dir)
+        except OSError as exc:
+            raise self._fail(f"closing {self.open_path}", exc) from exc
         self.closed.append(
             ShardInfo(
                 name=final.name,
@@ -412,7 +428,9 @@ class Store:
         """Replace the manifest atomically with the store's state plus ``extra`` sections.
 
         ``extra`` sections (totals, coverage, ...) are kept until replaced, so a write
-        from the store itself (on rotation) carries the caller's latest ones.
+        from the store itself (on rotation) carries the caller's latest ones. A failed
+        write raises DiskError and leaves the old manifest (the shards are the truth;
+        the next flush retries it).
         """
         now = time.time()
         self.meta.update(extra)
@@ -434,10 +452,25 @@ class Store:
             updated_at=now,
         )
         self.meta.setdefault("state", "running")
-        atomic_write(self.out / MANIFEST, orjson.dumps(self.meta, option=orjson.OPT_INDENT_2))
+        data = orjson.dumps(self.meta, option=orjson.OPT_INDENT_2)
+        try:
+            atomic_write(self.out / MANIFEST, data)
+        except OSError as exc:
+            self._manifest_due = True
+            raise self._fail(f"writing {self.out / MANIFEST}", exc) from exc
+        self._manifest_due = False
+
+    def probe(self) -> str:
+        """A real append in OUT (bytes, fsync): "" if it works, else why not (readiness)."""
+        if self.failure is not None:
+            return f"store not writable: {self.failure}"
+        return probe_write(self.out)
 
     def close(self, **extra: Any) -> None:
-        """Flush, close the open shard and write the final manifest; releases OUT."""
+        """Flush, close the open shard and write the final manifest; releases OUT.
+
+        Raises DiskError if the disk refuses; what was reported is durable either way.
+        """
         if self._closed:
             return
         try:
@@ -452,7 +485,8 @@ class Store:
 
     def _release(self) -> None:
         if self._open_file is not None:
-            self._open_file.close()
+            with contextlib.suppress(OSError):
+                self._open_file.close()
             self._open_file = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # drops the flock
@@ -473,13 +507,15 @@ class Store:
             paths.append(self.open_path)
         for path in paths:
             with open(path, "rb") as f:
-                for line in f:
-                    if line.endswith(b"\n"):
+                for n, line in enumerate(f, 1):
+                    if not line.endswith(b"\n"):
+                        continue
+                    try:
                         yield Record.model_validate_json(line)
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+                    except ValidationError as exc:
+                        raise StoreError(
+                            f"{path}:{n}: invalid record: {first_error(exc, 'record')}"
+                        ) from None
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:

@@ -62,6 +62,19 @@ class Domain(StrEnum):
     everyday_life = "everyday_life"
 
 
+class Stakes(StrEnum):
+    """Whether following the user's direction carries a problem the listener should name.
+
+    Direction vs correctness: listening is not compliance. Where the direction rests on a
+    factual error or carries a real risk, the listening response still follows it but
+    names the problem once, briefly and concretely; the reflex overrides the user.
+    """
+
+    none = "none"
+    user_mistaken = "user_mistaken"
+    risky = "risky"
+
+
 DESCRIPTIONS: dict[str, str] = {
     # cue kinds
     "explicit_instruction": "the user says plainly what to do",
@@ -97,6 +110,14 @@ DESCRIPTIONS: dict[str, str] = {
     "writing_editing": "essays, docs, emails, fiction, editing drafts",
     "operations": "incidents, on-call, infrastructure, monitoring",
     "everyday_life": "cooking, travel, budgeting, home projects, planning",
+    # stakes
+    "none": "the direction is sound; nothing to warn about",
+    "user_mistaken": "the user's direction rests on a factual error; the listening reply still "
+    "does what they asked but names the error once, briefly and concretely; the reflex "
+    "overrides them with its own plan",
+    "risky": "following the direction carries a real risk; the listening reply still does what "
+    "they asked but names the risk once, briefly and concretely; the reflex overrides them "
+    "with its own plan",
 }
 
 DIFFICULTY: dict[int, str] = {
@@ -127,5 +148,6 @@ def all_values() -> dict[str, list[str]]:
         "emotion": [v.value for v in Emotion],
         "momentum": [v.value for v in Momentum],
         "domain": [v.value for v in Domain],
+        "stakes": [v.value for v in Stakes],
         "difficulty": [str(d) for d in DIFFICULTY],
     }

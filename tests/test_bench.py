@@ -50,7 +50,7 @@ def test_bench_ci_mode_runs_every_section(tmp_path: Path) -> None:
     assert dg["over_ideal"] > 0
 
     stages = res["b"]["stages"]
-    assert list(stages) == ["parse", "validate", "label", "filter", "dedup", "write"]
+    assert list(stages) == ["label", "filter", "split", "dedup", "pairs", "store"]
     assert all(v["cpu_us"] > 0 for v in stages.values())
     assert res["b"]["total"]["accepted"] > 0
 
@@ -90,7 +90,7 @@ def test_gpu_script_runs_against_the_sim(tmp_path: Path) -> None:
     A1 needs vLLM and a GPU and is skipped; everything else is the code a GPU host runs.
     """
     sys.path.insert(0, str(ROOT))
-    from bench.vllm_sim import SimProcess
+    from fake_vllm import SimProcess
 
     model = "Qwen/Qwen2.5-7B-Instruct"
     args = ("--profile", "8b", "--speedup", "50", "--slots", "16", "--model", model)

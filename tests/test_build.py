@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import orjson
+from fake_vllm import SimProcess
 
-from bench.vllm_sim import SimProcess
 from dreamgen.audit import audit
 from dreamgen.record import Record
 
@@ -76,7 +76,7 @@ def test_wrong_model_name_lists_what_is_served(tmp_path: Path) -> None:
 
 def test_malformed_seed_card(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts"
-    subprocess.run(["cp", "-r", str(ROOT / "prompts"), str(prompts)], check=True)
+    subprocess.run(["cp", "-r", str(ROOT / "dreamgen" / "prompts"), str(prompts)], check=True)
     (prompts / "broken.yaml").write_text("id: broken\ntitle: a: b\n")
     config = tmp_path / "c.toml"
     config.write_text(f'prompts = "{prompts}"\n')

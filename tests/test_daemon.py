@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from fake_vllm import SimProcess
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.vllm_sim import SimProcess
 from dreamgen.audit import audit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ def post(url: str, body: dict[str, Any]) -> None:
 
 def test_daemon_outage_metrics_reload_and_drain(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts"
-    shutil.copytree(ROOT / "prompts", prompts)
+    shutil.copytree(ROOT / "dreamgen" / "prompts", prompts)
     out = tmp_path / "out"
     with SimProcess("--profile", "8b", "--speedup", "20") as sim:
         config = sim_config(tmp_path, sim.url, prompts)
@@ -262,7 +262,7 @@ def test_second_signal_stops_at_once_and_keeps_what_was_accepted(tmp_path: Path)
     out = tmp_path / "out"
     # Slow answers (~2-3 s each) so the drain would take a while.
     with SimProcess("--profile", "8b", "--speedup", "1") as sim:
-        config = sim_config(tmp_path, sim.url, ROOT / "prompts")
+        config = sim_config(tmp_path, sim.url, ROOT / "dreamgen" / "prompts")
         config.write_text(config.read_text().replace("grace_s = 20", "grace_s = 120"))
         with daemon(tmp_path, config, out) as d:
             d.wait_ready(30)
@@ -285,7 +285,7 @@ def test_second_signal_stops_at_once_and_keeps_what_was_accepted(tmp_path: Path)
 
 def test_missing_model_keeps_the_daemon_up_and_not_ready(tmp_path: Path) -> None:
     with SimProcess("--profile", "stress") as sim:
-        config = sim_config(tmp_path, sim.url, ROOT / "prompts")
+        config = sim_config(tmp_path, sim.url, ROOT / "dreamgen" / "prompts")
         config.write_text(config.read_text().replace('model = "dreamgen-sim"', 'model = "nope"'))
         with daemon(tmp_path, config, tmp_path / "out") as d:
             wait_for(lambda: d.get("/healthz")[0] == 200, 30, "/healthz")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import orjson
 import pytest
+from fake_vllm import SimProcess
 from test_store import make_record
 
-from bench.vllm_sim import SimProcess
 from dreamgen.audit import audit
 from dreamgen.dedup import LOG, Dedup, DedupError, conversation_text, load_heldout
 from dreamgen.store import MANIFEST

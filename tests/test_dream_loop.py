@@ -12,9 +12,8 @@ from pydantic import ValidationError
 
 from dreamgen import filters, pairs
 from dreamgen.cards import CardSet
-from dreamgen.config import Config, SamplingConfig
+from dreamgen.config import Config, PlanConfig, SamplingConfig
 from dreamgen.pipeline import Run
-from dreamgen.planner import PlanConfig
 from dreamgen.reader import read as read_records
 from dreamgen.record import Record
 from dreamgen.scenario import Scenario, UndirectedScenario

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from dreamgen.engines import EngineError, OpenAIEngine, RetryBudget
+from dreamgen.engines import EngineError, OpenAIClient, RetryBudget
 
 OK = {
     "id": "chatcmpl-1",
@@ -70,10 +70,20 @@ async def server() -> AsyncIterator[tuple[str, Script]]:
     await runner.cleanup()
 
 
-def engine(url: str, **kw: Any) -> OpenAIEngine:
+def engine(url: str, **kw: Any) -> OpenAIClient:
     kw.setdefault("backoff_s", 0.01)
     kw.setdefault("max_backoff_s", 0.05)
-    return OpenAIEngine(url, "m", **kw)
+    return OpenAIClient(url, "m", **kw)
+
+
+async def check(client: OpenAIClient) -> None:
+    """Fail with one clear line if the server is down or lacks the client's model."""
+    served = await client.served_models()
+    if client.model not in served:
+        raise EngineError(
+            f"model {client.model!r} is not served by {client.base_url}; it serves: "
+            + (", ".join(served) or "nothing")
+        )
 
 
 async def test_transient_failures_are_retried_then_succeed(server: tuple[str, Script]) -> None:
@@ -129,12 +139,12 @@ async def test_check_names_served_models_and_unreachable_servers(
     server: tuple[str, Script],
 ) -> None:
     url, _ = server
-    async with OpenAIEngine(url, "other") as e:
+    async with OpenAIClient(url, "other") as e:
         with pytest.raises(EngineError, match="'other' is not served.*it serves: m"):
-            await e.check()
-    async with OpenAIEngine("http://127.0.0.1:9", "m") as e:
+            await check(e)
+    async with OpenAIClient("http://127.0.0.1:9", "m") as e:
         with pytest.raises(EngineError, match="cannot reach"):
-            await e.check()
+            await check(e)
 
 
 async def test_api_key_is_sent_but_never_shown(server: tuple[str, Script]) -> None:

@@ -20,10 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dreamgen.cards import CardSet
-from dreamgen.planner import PlanConfig, Planner, Request
+from dreamgen.config import PlanConfig
+from dreamgen.planner import Planner
 from dreamgen.record import Record
+from dreamgen.request import Request
+from dreamgen.stages import REASONS
 from dreamgen.taxonomy import CueKind, DistractorKind, Domain, Emotion, Momentum
-from dreamgen.validate import REASONS, Rejected, validate
+from dreamgen.validate import Rejected, validate
 
 CORPUS = Path(__file__).resolve().parent.parent / "bench" / "corpus" / "scenarios.jsonl"
 SCENARIOS: list[dict[str, Any]] = [

@@ -7,6 +7,7 @@ SIGTERM as told) plays `vllm serve`; the simulated vLLM server plays it end to e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import signal
@@ -18,12 +19,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 
 from dreamgen.audit import audit
-from dreamgen.engines import EngineError
-from dreamgen.vllm import Launcher, ServerEngine
+from dreamgen.engines import EngineError, Launcher, ServerEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,6 +86,26 @@ async def until(cond: Callable[[], object], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def pid(launcher: Launcher) -> int | None:
+    return launcher.proc.pid if launcher.proc is not None else None
+
+
+async def wait_healthy(launcher: Launcher, url: str, timeout_s: float) -> None:
+    """Poll ``url``/health until 200; EngineError on timeout or when the launcher gave up."""
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        while True:
+            if launcher.failed:
+                raise EngineError(launcher.failure_message())
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                async with s.get(f"{url}/health") as resp:
+                    if resp.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise EngineError(f"the launched server did not answer {url}/health in time")
+            await asyncio.sleep(0.5)
+
+
 async def test_restarts_a_dying_server_with_backoff_and_logs_it(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "server.log"
@@ -93,17 +114,17 @@ async def test_restarts_a_dying_server_with_backoff_and_logs_it(tmp_path: Path) 
     )
     await launcher.start()
     try:
-        await launcher.wait_healthy(f"http://127.0.0.1:{port}", timeout_s=10)
-        first = launcher.pid
+        await wait_healthy(launcher, f"http://127.0.0.1:{port}", timeout_s=10)
+        first = pid(launcher)
         await until(lambda: launcher.restarts >= 2, timeout=15)
-        assert launcher.pid != first and launcher.last_exit == 3
+        assert pid(launcher) != first and launcher.last_exit == 3
         # Quick deaths in a row double the wait: 0.2 s, then 0.4 s, ...
         assert launcher.failures >= 2
-        await launcher.wait_healthy(f"http://127.0.0.1:{port}", timeout_s=10)
+        await wait_healthy(launcher, f"http://127.0.0.1:{port}", timeout_s=10)
     finally:
-        pid = launcher.pid
+        last = pid(launcher)
         await launcher.stop(grace_s=5)
-    assert pid is not None and not alive(pid)
+    assert last is not None and not alive(last)
     text = log.read_text()
     assert "=== dreamgen: start 1" in text and "=== dreamgen: start 3" in text
     assert text.count("stand-in dying") >= 2 and "serving on" in text
@@ -123,11 +144,11 @@ async def test_stop_sends_sigterm_then_sigkill(tmp_path: Path) -> None:
     )
     await stubborn.start()
     await asyncio.sleep(0.5)  # let it install its SIGTERM handler
-    pid = stubborn.pid
+    child = pid(stubborn)
     t0 = time.monotonic()
     assert await stubborn.stop(grace_s=0.5) == -signal.SIGKILL
     assert 0.5 <= time.monotonic() - t0 < 5
-    assert pid is not None and not alive(pid)
+    assert child is not None and not alive(child)
     # Stopping twice is harmless, and nothing restarts a stopped server.
     assert await stubborn.stop() == -signal.SIGKILL
     await asyncio.sleep(0.3)
@@ -144,7 +165,7 @@ async def test_gives_up_after_repeated_quick_deaths(tmp_path: Path) -> None:
     )
     await launcher.start()
     with pytest.raises(EngineError) as err:
-        await launcher.wait_healthy(f"http://127.0.0.1:{port}", timeout_s=20)
+        await wait_healthy(launcher, f"http://127.0.0.1:{port}", timeout_s=20)
     assert launcher.failed
     msg = str(err.value)
     assert "exited 3 times (last exit code 3)" in msg and "server.log" in msg
@@ -160,7 +181,7 @@ async def test_a_missing_command_is_one_clear_error(tmp_path: Path) -> None:
 
 async def test_engine_rides_out_a_crash_of_the_launched_server(tmp_path: Path) -> None:
     port = free_port()
-    cmd = [sys.executable, str(ROOT / "bench" / "vllm_sim.py"), "--port", str(port)]
+    cmd = [sys.executable, str(ROOT / "tests" / "fake_vllm.py"), "--port", str(port)]
     launcher = Launcher([*cmd, "--profile", "stress"], log_path=tmp_path / "s.log", backoff_s=0.2)
     await launcher.start()
     url = f"http://127.0.0.1:{port}"
@@ -170,8 +191,9 @@ async def test_engine_rides_out_a_crash_of_the_launched_server(tmp_path: Path) -
     try:
         await engine.start(wait=True, timeout_s=30)
         await engine.chat([{"role": "user", "content": "hi"}])
-        assert launcher.pid is not None
-        os.kill(launcher.pid, signal.SIGKILL)  # the server crashes
+        child = pid(launcher)
+        assert child is not None
+        os.kill(child, signal.SIGKILL)  # the server crashes
         await until(lambda: not engine.ready, timeout=10)
         await until(lambda: launcher.restarts == 1 and engine.ready, timeout=30)
         c = await engine.chat([{"role": "user", "content": "hi"}])
@@ -190,12 +212,12 @@ def test_child_dies_with_a_killed_parent(tmp_path: Path) -> None:
             f"""
             import asyncio, sys
             sys.path.insert(0, {str(ROOT)!r})
-            from dreamgen.vllm import Launcher
+            from dreamgen.engines import Launcher
             async def main():
                 launcher = Launcher({shlex.join(standin(tmp_path, port))!r},
                                     log_path={str(tmp_path / "s.log")!r})
                 await launcher.start()
-                print(launcher.pid, flush=True)
+                print(launcher.proc.pid, flush=True)
                 await asyncio.sleep(3600)
             asyncio.run(main())
             """
@@ -215,7 +237,7 @@ def test_child_dies_with_a_killed_parent(tmp_path: Path) -> None:
 
 def test_build_with_launch_starts_and_stops_the_server(tmp_path: Path) -> None:
     port = free_port()
-    sim = f"{sys.executable} {ROOT / 'bench' / 'vllm_sim.py'} --port {port} --profile stress"
+    sim = f"{sys.executable} {ROOT / 'tests' / 'fake_vllm.py'} --port {port} --profile stress"
     sim += " --model dreamgen-sim"  # where --launch finds the model name
     out = tmp_path / "out"
     proc = subprocess.run(

@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 from dreamgen.config import Config
-from dreamgen.engines import EngineError
-from dreamgen.offline import OfflineEngine, import_vllm
+from dreamgen.engines import EngineError, OfflineEngine, import_vllm
 from dreamgen.pipeline import Run
 from dreamgen.scenario import response_format
 
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE_VLLM = textwrap.dedent(
     """
     from types import SimpleNamespace
-    from bench.vllm_sim import Corpus
+    from fake_vllm import Corpus
 
     class SamplingParams:
         def __init__(self, **kw):

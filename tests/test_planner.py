@@ -15,8 +15,10 @@ import orjson
 import pytest
 
 from dreamgen.cards import CardSet
-from dreamgen.planner import UNDIRECTED, PlanConfig, Planner, Request, cell_of
+from dreamgen.config import PlanConfig
+from dreamgen.planner import UNDIRECTED, Planner, cell_of
 from dreamgen.record import Record
+from dreamgen.request import Request
 from dreamgen.scenario import UndirectedScenario
 from dreamgen.taxonomy import DIFFICULTY, Domain
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import orjson
 import pytest
+from fake_vllm import SimProcess
 from test_store import make_record
 
 import dreamgen
-from bench.vllm_sim import SimProcess
 from dreamgen.reader import read
 from dreamgen.record import split_for
 from dreamgen.store import MANIFEST, SHARDS, Store, StoreError

@@ -35,7 +35,8 @@ def test_scenario_round_trip(scenario: Scenario) -> None:
 
 
 def test_record_round_trip(scenario: Scenario, cards) -> None:  # type: ignore[no-untyped-def]
-    from dreamgen.planner import PlanConfig, Planner
+    from dreamgen.config import PlanConfig
+    from dreamgen.planner import Planner
 
     request = Planner(cards, PlanConfig(seed=1), target=10).next()
     record = label(scenario, request)

@@ -8,12 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import conftest
 import orjson
 import pytest
+from fake_vllm import SimProcess
 
-from bench.vllm_sim import SimProcess
 from dreamgen.audit import audit
-from dreamgen.record import Record, content_id
+from dreamgen.record import Record
 from dreamgen.store import MANIFEST, SHARDS, Store, StoreError, file_sha256, recover_lines
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,37 +34,18 @@ def make_record(
     rng = random.Random(f"{seed}-{i}")
     words = " ".join(rng.choices(_VOCAB, k=60))
     cue = "keep it simple"
-    user = f"Record {i}: {words}. Please {cue}."
-    messages = [{"role": "user", "content": user}]
-    target = {"role": "assistant", "content": f"Simple it is ({i}). {words[:80]}"}
-    contrast = {"role": "assistant", "content": f"Let us rewrite it all ({i})."}
-    start = user.index(cue)
-    data = {
-        "messages": messages,
-        "target": target,
-        "contrast": contrast,
-        "cues": [{"message": 0, "start": start, "end": start + len(cue), "kind": "c", "text": cue}],
-        "axes": {
-            "cue_kind": cue_kind,
-            "distractor_kind": "better_tool",
-            "domain": "systems_programming",
-            "emotion": "tired",
-            "momentum": "executing",
-        },
-        "difficulty": difficulty,
-        "split": split,
-        "group_id": group or f"g{i}",
-        "provenance": {
-            "card": "c",
-            "prompt_hash": "h",
-            "model": "m",
-            "engine": "e",
-            "dreamgen_version": "0",
-            "created_at": 0.0,
-        },
-    }
-    draft = Record.model_validate({**data, "id": "x"})
-    return draft.model_copy(update={"id": content_id(draft.messages, draft.target, draft.contrast)})
+    return conftest.make_record(
+        [("user", f"Record {i}: {words}. Please {cue}.")],
+        f"Simple it is ({i}). {words[:80]}",
+        f"Let us rewrite it all ({i}).",
+        [(0, cue)],
+        rid=None,
+        kind="c",
+        axes={"cue_kind": cue_kind, "emotion": "tired"},
+        difficulty=difficulty,
+        split=split,
+        group_id=group or f"g{i}",
+    )
 
 
 def line(record: Record) -> bytes:

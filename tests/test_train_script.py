@@ -15,6 +15,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import conftest
+
 from dreamgen.record import Record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,43 +25,22 @@ SCRIPT = ROOT / "examples" / "train_wq.py"
 
 def make_record(rid: str, direction: str, cue: str, split: str) -> Record:
     """A two-turn scenario with one cue in the decision turn."""
-    start = direction.index(cue)
-    idea = "We could also port this to Go for speed."
-    d0 = idea.index("port this to Go")
-    return Record.model_validate(
-        {
-            "id": rid,
-            "messages": [
-                {"role": "assistant", "content": idea},
-                {"role": "user", "content": direction},
-            ],
-            "target": {"role": "assistant", "content": "Understood, only that change."},
-            "contrast": {"role": "assistant", "content": "Porting it to Go first."},
-            "cues": [
-                {"message": 1, "start": start, "end": start + len(cue), "kind": "k", "text": cue}
-            ],
-            "distractors": [
-                {"message": 0, "start": d0, "end": d0 + 15, "kind": "k", "text": "port this to Go"}
-            ],
-            "axes": {
-                "cue_kind": "scope_limit",
-                "distractor_kind": "better_tool",
-                "domain": "operations",
-                "emotion": "tired",
-                "momentum": "winding_down",
-            },
-            "difficulty": 1,
-            "split": split,
-            "group_id": rid,
-            "provenance": {
-                "card": "c",
-                "prompt_hash": "h",
-                "model": "m",
-                "engine": "e",
-                "dreamgen_version": "0",
-                "created_at": 0.0,
-            },
-        }
+    return conftest.make_record(
+        [("assistant", "We could also port this to Go for speed."), ("user", direction)],
+        "Understood, only that change.",
+        "Porting it to Go first.",
+        [(1, cue)],
+        [(0, "port this to Go")],
+        rid=rid,
+        split=split,
+        difficulty=1,
+        axes={
+            "cue_kind": "scope_limit",
+            "distractor_kind": "better_tool",
+            "domain": "operations",
+            "emotion": "tired",
+            "momentum": "winding_down",
+        },
     )
 
 
@@ -105,9 +86,9 @@ def check_only_q_proj_changed(results: dict) -> None:
     assert len(results["trainable"]) == 30  # one q_proj per layer
     assert all(".q_proj." in name for name in results["trainable"])
     assert set(results["changed"]) == set(results["trainable"])
-    assert len(results["compare"]["layers"]) == 30
+    assert len(results["compare"]["metrics"]["direction_share"]["per_layer"]) == 30
     assert results["compare"]["n_records"] == 2  # the probe split
-    assert results["before_layer_cue_mass"] != results["after_layer_cue_mass"]
+    assert results["before_direction_share"] != results["after_direction_share"]
 
 
 def test_adamw_trains_q_proj_only(tmp_path):
@@ -125,7 +106,7 @@ def test_apollo_optimizer_steps_matrices_and_vectors():
     args = train_wq.parse_args(["data.jsonl", "--optimizer", "apollo", "--apollo-rank", "2"])
     layer = torch.nn.Linear(8, 8)
     before = [p.detach().clone() for p in layer.parameters()]
-    optimizer = train_wq.make_optimizer(list(layer.parameters()), args)
+    optimizer = train_wq.make_optimizer(list(layer.parameters()), train_wq.settings_of(args))
     layer(torch.randn(4, 8)).pow(2).sum().backward()
     optimizer.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, layer.parameters(), strict=True))

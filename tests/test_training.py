@@ -12,6 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import conftest  # noqa: E402
+
 from dreamgen.record import Record  # noqa: E402
 from dreamgen.training import (  # noqa: E402
     IGNORE_INDEX,
@@ -45,46 +47,8 @@ def make_record(
     rid: str = "r1",
 ) -> Record:
     """A valid Record whose spans are found by exact search (first occurrence)."""
-    msgs = [{"role": r, "content": c} for r, c in messages]
-    contents: dict[int | str, str] = {i: c for i, (_, c) in enumerate(messages)}
-    contents["contrast"] = contrast
-
-    def span(where: int | str, text: str) -> dict[str, object]:
-        start = contents[where].index(text)
-        return {
-            "message": len(messages) + 1 if where == "contrast" else where,
-            "start": start,
-            "end": start + len(text),
-            "kind": "k",
-            "text": text,
-        }
-
-    return Record.model_validate(
-        {
-            "id": rid,
-            "messages": msgs,
-            "target": {"role": "assistant", "content": target},
-            "contrast": {"role": "assistant", "content": contrast},
-            "cues": [span(m, t) for m, t in cues],
-            "distractors": [span(m, t) for m, t in distractors],
-            "axes": {
-                "cue_kind": "constraint",
-                "distractor_kind": "better_tool",
-                "domain": "systems_programming",
-                "emotion": "tired",
-                "momentum": "executing",
-            },
-            "difficulty": 2,
-            "group_id": "g",
-            "provenance": {
-                "card": "c",
-                "prompt_hash": "h",
-                "model": "m",
-                "engine": "e",
-                "dreamgen_version": "0",
-                "created_at": 0.0,
-            },
-        }
+    return conftest.make_record(
+        messages, target, contrast, cues, distractors, rid=rid, group_id="g"
     )
 
 

@@ -8,10 +8,13 @@ import pytest
 import dreamgen
 from dreamgen import filters
 from dreamgen.cards import CardSet
-from dreamgen.planner import PlanConfig, Planner, Request
+from dreamgen.config import PlanConfig
+from dreamgen.planner import Planner
 from dreamgen.record import Record
+from dreamgen.request import Request
 from dreamgen.scenario import Scenario
-from dreamgen.validate import REASONS, Rejected, label
+from dreamgen.stages import REASONS
+from dreamgen.validate import Rejected, label
 
 
 @pytest.fixture

@@ -15,19 +15,19 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from fake_vllm import Profile, VLLMSim
 
-from bench.vllm_sim import Profile, VLLMSim
-from dreamgen.engines import EngineError
-from dreamgen.scenario import response_format
-from dreamgen.vllm import (
+from dreamgen.config import AdaptConfig
+from dreamgen.engines import (
     AdaptiveLimiter,
-    AdaptSettings,
+    EngineError,
     EngineUnavailable,
     ServerEngine,
     ServerLoad,
-    parse_launch,
     parse_metrics,
 )
+from dreamgen.scenario import response_format
+from dreamgen.serving import parse_launch
 
 # 8 slots, ~4-8 ms steps: a request of ~250 tokens takes ~1-2 s at speedup 1; we use 10.
 TINY = Profile("tiny", slots=8, t0_s=0.004, c_s=0.0005)
@@ -102,7 +102,7 @@ def test_parse_metrics_reads_vllm_and_llamacpp_names() -> None:
 
 
 def test_limiter_aimd_rules() -> None:
-    s = AdaptSettings(min_limit=4, increase=4, decrease=0.5, max_waiting=2, cooldown_s=10)
+    s = AdaptConfig(min_concurrency=4, increase=4, decrease=0.5, max_waiting=2, cooldown_s=10)
     lim = AdaptiveLimiter(64, max_limit=64, settings=s)
     lim.inflight = 64
     assert lim.on_load(ServerLoad(running=8, waiting=56), now=0.0) == "decrease"
@@ -211,7 +211,9 @@ async def test_model_going_missing_is_an_outage_with_the_reason() -> None:
 
 async def test_adaptive_concurrency_decreases_when_requests_wait() -> None:
     # 8 slots, up to 64 of ours in flight: the server queues ~56, so the limit must fall.
-    settings = AdaptSettings(min_limit=4, increase=2, decrease=0.7, max_waiting=2, cooldown_s=0.3)
+    settings = AdaptConfig(
+        min_concurrency=4, increase=2, decrease=0.7, max_waiting=2, cooldown_s=0.3
+    )
     sim = VLLMSim(TINY, speedup=3)
     async with sim, engine([sim.url], concurrency=64, adaptive=True, adapt=settings) as e:
         stop = asyncio.Event()
@@ -225,10 +227,10 @@ async def test_adaptive_concurrency_decreases_when_requests_wait() -> None:
 
 async def test_adaptive_concurrency_increases_while_nothing_waits() -> None:
     roomy = Profile("roomy", slots=256, t0_s=0.004, c_s=0.00002)
-    settings = AdaptSettings(min_limit=2, increase=4, decrease=0.7, max_waiting=2)
+    settings = AdaptConfig(min_concurrency=2, increase=4, decrease=0.7, max_waiting=2, start=4)
     async with (
         VLLMSim(roomy, speedup=3) as sim,
-        engine([sim.url], concurrency=64, adaptive=True, adapt=settings, start_limit=4) as e,
+        engine([sim.url], concurrency=64, adaptive=True, adapt=settings) as e,
     ):
         assert e.limit == 4
         stop = asyncio.Event()
@@ -241,7 +243,7 @@ async def test_adaptive_concurrency_increases_while_nothing_waits() -> None:
 
 
 async def test_rate_limits_decrease_the_limit() -> None:
-    settings = AdaptSettings(min_limit=2, decrease=0.5, cooldown_s=0)
+    settings = AdaptConfig(min_concurrency=2, decrease=0.5, cooldown_s=0)
     async with VLLMSim(TINY, speedup=10, faults={"rate_limit": 1.0}) as sim:
         sim.faults.retry_after_s = 0.01
         async with engine([sim.url], concurrency=32, adaptive=True, adapt=settings) as e:

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from dreamgen.engines import Completion, EngineError
+from dreamgen.engines.base import Completion, Engine, EngineError
 
 if TYPE_CHECKING:
     from dreamgen.config import Config
 
+# The log name predates this package; log queries match on it.
 log = logging.getLogger("dreamgen.offline")
 
 # Sampling fields vLLM's SamplingParams takes under the same name; the rest are dropped
@@ -51,19 +52,17 @@ class _Pending:
     t0: float
 
 
-class OfflineEngine:
+class OfflineEngine(Engine):
     """``vllm.LLM`` behind the pipeline's engine interface, batching the in-flight window."""
 
     name = "vllm-offline"
+    ready: bool = False  # True between start and close
 
     def __init__(self, config: Config, *, batch_wait_s: float = 0.05) -> None:
         self.model = config.model_name
         self.config = config
         self.batch_wait_s = batch_wait_s
         self.max_batch = config.concurrency
-        self.ready = False
-        self.batches = 0
-        self.batch_sizes: list[int] = []
         self._vllm: ModuleType | None = None
         self._llm: Any = None
         self._queue: list[_Pending] = []
@@ -167,8 +166,6 @@ class OfflineEngine:
                 await self._run_batch(batch)
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
-        self.batches += 1
-        self.batch_sizes.append(len(batch))
         try:
             outputs = await asyncio.to_thread(
                 self._llm.chat,

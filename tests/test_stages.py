@@ -1,0 +1,78 @@
+"""The stage chain: each stage owns its reasons; the chain stops at the first rejection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from dreamgen import filters, planner, stages
+from dreamgen.cards import CardSet
+from dreamgen.config import Config, PlanConfig
+from dreamgen.dedup import Dedup
+from dreamgen.planner import Planner
+from dreamgen.scenario import Scenario
+from dreamgen.store import Store
+
+
+def test_every_reason_belongs_to_one_stage() -> None:
+    values = list(stages.REASONS)
+    assert len(values) == len(set(values))
+    assert "engine_error" in values and "near_duplicate" in values and "schema" in values
+    assert "surplus" not in values  # dropped beyond the target, never counted
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> stages.Chain:
+    store = Store(tmp_path / "out", config={}, fingerprint="t")
+    index = Dedup(tmp_path / "dedup")
+    return stages.chain_for(
+        splits=Config().splits, index=index, store=store, full=lambda: False, timed=True
+    )
+
+
+def _item(cards: CardSet, content: str) -> stages.Item:
+    request = Planner(cards, PlanConfig(), None).next()
+    return stages.Item(request, content)
+
+
+def test_a_good_answer_passes_every_stage_and_a_repeat_is_a_duplicate(
+    chain: stages.Chain, cards: CardSet, scenario: Scenario
+) -> None:
+    raw = orjson.dumps(scenario.model_dump(mode="json")).decode()
+    first = _item(cards, raw)
+    assert chain.process(first).kept
+    assert first.record is not None and first.signature is not None
+    again = chain.process(_item(cards, raw))
+    assert again.reason == "duplicate" and not again.kept
+    assert [t.n for t in chain.times.values()] == [2, 2, 2, 2, 1, 1]
+    assert chain.times["dedup"].rejected == 1
+
+
+def test_rejections_carry_the_owning_stage_reason(chain: stages.Chain, cards: CardSet) -> None:
+    outcome = chain.process(_item(cards, "{not json"))
+    assert outcome.reason is stages.ValidateReason.invalid_json
+    assert chain.times["label"].rejected == 1 and chain.times["filter"].n == 0
+    truncated = stages.Item(_item(cards, "{}").request, "{}", finish_reason="length")
+    assert chain.process(truncated).reason is stages.ValidateReason.truncated
+
+
+def test_the_echo_filter_covers_every_snake_case_taxonomy_value() -> None:
+    from dreamgen.taxonomy import all_values
+
+    for values in all_values().values():
+        for value in values:
+            if "_" in value:
+                assert filters.ECHO.search(f"we picked {value} here"), value
+
+
+def test_prompt_fingerprint_covers_prompt_text_held_in_code(
+    cards: CardSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = planner.prompt_fingerprint(cards)
+    monkeypatch.setitem(planner.DESCRIPTIONS, "tangent", "a different description")
+    assert planner.prompt_fingerprint(cards) != before
+    monkeypatch.undo()
+    monkeypatch.setitem(planner.OPERATORS, "subtler_cue", "changed")
+    assert planner.prompt_fingerprint(cards) != before
