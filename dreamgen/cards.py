@@ -1,8 +1,10 @@
 """Seed cards: YAML files in ``prompts/`` that set up a situation, and the Jinja2 templates
 that turn a card plus chosen axes into a chat prompt.
 
-Templates render in a sandboxed environment with strict undefined variables: a card is
-data a user can edit, and a typo must fail loudly rather than render as an empty string.
+Templates render in ``dreamgen.sandbox`` (plain data only, bounded work, strict undefined
+variables): a card is data a user can share and edit, never code, and a typo must fail
+loudly rather than render as an empty string. YAML is read with limits on its size, its
+node count (aliases expanded) and its nesting, so a card cannot be a memory bomb.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import jinja2
 import orjson
 import yaml
 from jinja2 import meta
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dreamgen.sandbox import CardSandbox, one_line
+from dreamgen.sandbox import render as render_template
 from dreamgen.scenario import Scenario
 from dreamgen.taxonomy import CueKind, DistractorKind, Domain, Emotion, Momentum, Stakes
 
@@ -34,6 +37,12 @@ TEMPLATE_CONTEXTS: dict[str, frozenset[str]] = {
     "undirected.j2": frozenset(),
 }
 TEMPLATE_VARIABLES = frozenset({"describe"}).union(DIRECTED_VARIABLES, *TEMPLATE_CONTEXTS.values())
+
+# A card is a page of YAML: far below these. Above them it is a mistake or an attack.
+MAX_CARD_BYTES = 256 * 1024
+MAX_CARD_NODES = 20_000  # scalars, lists and mappings, every alias counted as a copy
+MAX_CARD_DEPTH = 32
+EXCERPT = 80  # characters of an offending value quoted in an error
 
 
 class CardError(Exception):
@@ -55,7 +64,7 @@ class Card(BaseModel):
     momentum: list[Momentum] = list(Momentum)
     difficulty: list[Annotated[int, Field(ge=1, le=5)]] = [1, 2, 3, 4, 5]
     examples: list[Scenario] = []
-    template: str = "directed.j2"
+    template: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+\.j2$")] = "directed.j2"
     # Direction vs correctness: per stakes value the card allows beyond "none", the concrete
     # mistake or risk the user's direction carries in this situation (shown in the prompt).
     stakes: dict[Stakes, Annotated[str, Field(min_length=10)]] = {}
@@ -108,26 +117,83 @@ class CardSet:
         return h.hexdigest()[:16]
 
     def render(self, template: str, **context: Any) -> str:
-        """Render a template with the standard helpers available."""
-        return self.env.get_template(template).render(describe=describe_value, **context)
+        """Render a template in the sandbox; models in ``context`` are passed as plain data.
+
+        Raises CardError (one line) if the template is refused or fails.
+        """
+        try:
+            return render_template(self.env, template, context)
+        except jinja2.TemplateError as exc:
+            raise CardError(f"{self.root / 'templates' / template}: {one_line(exc)}") from exc
 
 
 def describe_value(value: object) -> str:
+    """``describe(axes.domain)`` in a template: the taxonomy's description of a value."""
     from dreamgen.taxonomy import describe
 
-    return describe(str(value))
+    return describe(str(value))[:1000]
 
 
-def make_env(templates: Path) -> ImmutableSandboxedEnvironment:
-    """A sandboxed Jinja2 environment that refuses undefined variables."""
-    return ImmutableSandboxedEnvironment(
-        loader=jinja2.FileSystemLoader(str(templates)),
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
+def make_env(templates: Path) -> CardSandbox:
+    """The card sandbox over ``templates``, with ``describe`` as its one helper."""
+    return CardSandbox(templates, {"describe": describe_value})
+
+
+def _excerpt(value: object) -> str:
+    text = repr(value) if not isinstance(value, str) else repr(value[: EXCERPT + 1])
+    return text if len(text) <= EXCERPT else text[: EXCERPT - 1] + "…"
+
+
+def _count_nodes(root: yaml.Node) -> str | None:
+    """Why a composed document is too big (aliases expanded), or None. Stops at the limit."""
+    stack: list[tuple[yaml.Node, int]] = [(root, 1)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_CARD_NODES:
+            return f"more than {MAX_CARD_NODES} YAML nodes (aliases count once per use)"
+        if depth > MAX_CARD_DEPTH:
+            return f"nested deeper than {MAX_CARD_DEPTH} levels"
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.append((key, depth + 1))
+                stack.append((value, depth + 1))
+    return None
+
+
+def load_card_yaml(path: Path) -> Any:
+    """Parse one card file within the limits; raises CardError with file, line and why."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CARD_BYTES:
+            raise CardError(f"{path}: {size} bytes, over the card limit of {MAX_CARD_BYTES}")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CARD_BYTES + 1)
+    except OSError as exc:
+        raise CardError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CardError(f"{path}: not UTF-8 (byte {exc.start})") from exc
+    loader = yaml.CSafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if (why := _count_nodes(node)) is not None:
+            raise CardError(f"{path}: {why}")
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise CardError(f"{path}{where}: YAML error: {one_line(exc.problem or exc)}") from exc
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise CardError(f"{path}: cannot read: {one_line(exc)}") from exc
+    finally:
+        loader.dispose()
 
 
 def _load_cards(root: Path) -> tuple[list[Card], list[str]]:
@@ -136,14 +202,9 @@ def _load_cards(root: Path) -> tuple[list[Card], list[str]]:
     seen: dict[str, Path] = {}
     for path in sorted(root.glob("*.yaml")) + sorted(root.glob("*.yml")):
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            where = f":{mark.line + 1}" if mark is not None else ""
-            problems.append(f"{path}{where}: YAML error: {exc.problem or exc}")
-            continue
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            problems.append(f"{path}: cannot read: {exc}")
+            data = load_card_yaml(path)
+        except CardError as exc:
+            problems.append(str(exc))
             continue
         if not isinstance(data, dict):
             problems.append(f"{path}: a card must be a YAML mapping")
@@ -169,19 +230,19 @@ def _card_problem(path: Path, err: Any) -> str:
     field = ".".join(str(p) for p in loc) or "(card)"
     if err["type"] == "enum":
         allowed = err.get("ctx", {}).get("expected", "")
-        msg = f"unknown taxonomy value {err['input']!r} (allowed: {allowed})"
+        msg = f"unknown taxonomy value {_excerpt(err['input'])} (allowed: {allowed})"
     elif err["type"] == "extra_forbidden":
         msg = f"unknown field (allowed: {', '.join(Card.model_fields)})"
     else:
-        msg = err["msg"]
-    return f"{path}{where}: {field}: {msg}"
+        msg = one_line(err["msg"])
+    return f"{path}{where}: {field[:120]}: {msg}"
 
 
 def _yaml_line(path: Path, loc: list[Any]) -> str:
     """``:LINE`` of the YAML node at ``loc`` (or its deepest existing parent), else ""."""
-    try:
-        node: Any = yaml.compose(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
+    try:  # the file already passed load_card_yaml's limits
+        node: Any = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.CSafeLoader)
+    except (yaml.YAMLError, OSError, UnicodeDecodeError, RecursionError):
         return ""
     mark = node.start_mark if node is not None else None
     for key in loc:
@@ -220,11 +281,14 @@ def _lint_templates(root: Path, cards: Iterable[Card]) -> list[str]:
             users = sorted(c.id for c in cards if c.template == name)
             problems.append(f"{path}: template missing (used by {', '.join(users) or 'dreamgen'})")
             continue
-        source = path.read_text(encoding="utf-8")
-        try:
-            ast = env.parse(source)
+        try:  # through the sandbox's loader: its size and encoding limits apply
+            source = env.loader_source(name)
+            ast = env.parse(source, name, str(path))
         except jinja2.TemplateSyntaxError as exc:
-            problems.append(f"{path}:{exc.lineno}: template syntax error: {exc.message}")
+            problems.append(f"{path}:{exc.lineno}: template syntax error: {one_line(exc.message)}")
+            continue
+        except jinja2.TemplateError as exc:
+            problems.append(one_line(exc))
             continue
         unknown = meta.find_undeclared_variables(ast) - _context_for(name, cards)
         for var in sorted(unknown):
@@ -234,13 +298,17 @@ def _lint_templates(root: Path, cards: Iterable[Card]) -> list[str]:
         if not unknown:
             clean.add(name)
     # Render every card once: a misspelt attribute ({{ card.situaton }}) only shows there.
+    # A template refused for one card is reported once, not once per card that uses it.
     for card in cards:
         if card.template in clean:
-            problems += _try_render(env, templates / card.template, card)
+            failed = _try_render(env, templates / card.template, card)
+            problems += failed
+            if failed:
+                clean.discard(card.template)
     return problems
 
 
-def _try_render(env: ImmutableSandboxedEnvironment, path: Path, card: Card) -> list[str]:
+def _try_render(env: CardSandbox, path: Path, card: Card) -> list[str]:
     from dreamgen.record import Axes
     from dreamgen.taxonomy import DIFFICULTY
 
@@ -256,17 +324,12 @@ def _try_render(env: ImmutableSandboxedEnvironment, path: Path, card: Card) -> l
         # Once per stakes value the card allows: the stakes branch renders only then.
         for stakes in card.stakes_allowed:
             axes.stakes = Stakes(stakes)
-            env.get_template(path.name).render(
-                describe=describe_value,
-                card=card,
-                axes=axes,
-                difficulty=d,
-                difficulty_text=DIFFICULTY[d],
-            )
+            context = {"card": card, "axes": axes, "difficulty": d}
+            render_template(env, path.name, {**context, "difficulty_text": DIFFICULTY[d]})
     except jinja2.TemplateError as exc:
         line = getattr(exc, "lineno", None)
         where = f":{line}" if line else ""
-        return [f"{path}{where}: fails to render card {card.id!r}: {exc}"]
+        return [f"{path}{where}: fails to render card {card.id!r}: {one_line(exc)}"]
     return []
 
 

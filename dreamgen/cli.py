@@ -9,7 +9,6 @@ import asyncio
 import logging
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -17,7 +16,6 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dreamgen.cards import CardError, CardSet, lint
@@ -26,13 +24,36 @@ from dreamgen.engines import EngineError
 from dreamgen.pipeline import Run, Summary
 from dreamgen.store import StoreError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-cards_app = typer.Typer(no_args_is_help=True, help="List, show and lint seed cards.")
+HELP = {"help_option_names": ["-h", "--help"]}  # -h everywhere, subcommands included
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, context_settings=HELP)
+cards_app = typer.Typer(
+    no_args_is_help=True, help="List, show, lint and copy seed cards.", context_settings=HELP
+)
 app.add_typer(cards_app, name="cards")
 console = Console(stderr=True)
 out = Console()
 
 USER_ERRORS = (ConfigError, CardError, StoreError, EngineError)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from dreamgen.version import __version__
+
+        out.print(f"dreamgen {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", callback=_print_version, is_eager=True, help="print the version"
+        ),
+    ] = False,
+) -> None:
+    pass
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -47,6 +68,14 @@ def main() -> None:
         app()
     except USER_ERRORS as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:  # an optional part not installed: name its extra
+        from dreamgen.extras import missing_extra
+
+        line = missing_extra(exc)
+        if line is None:
+            raise
+        console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
@@ -69,6 +98,9 @@ def summary_table(summary: dict[str, Any], title: str = "build summary") -> Tabl
         "stopped_by",
     ):
         table.add_row(key, str(summary[key]))
+    if summary.get("judge_requests"):  # the judge's tokens, apart from generation's
+        for key in ("judge_requests", "judge_prompt_tokens", "judge_completion_tokens"):
+            table.add_row(key, str(summary[key]))
     return table
 
 
@@ -110,6 +142,9 @@ def build(
     model: Annotated[str | None, typer.Option(help="served model name")] = None,
     concurrency: Annotated[int | None, typer.Option(help="requests in flight")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="seed cards folder (default: the shipped library)")
+    ] = None,
     evolve: Annotated[float | None, typer.Option(help="share of requests that evolve")] = None,
     undirected: Annotated[float | None, typer.Option(help="share of undirected requests")] = None,
     difficulty: Annotated[str | None, typer.Option(help="range like 1-3")] = None,
@@ -118,9 +153,18 @@ def build(
     repair: Annotated[
         bool, typer.Option(help="move shards that fail verification to OUT/quarantine/")
     ] = False,
-    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="print the summary as one JSON object on stdout")
+    ] = False,
+    progress_interval: Annotated[
+        float, typer.Option(help="seconds between progress log lines when not on a terminal")
+    ] = 10.0,
     launch: Annotated[
         str | None, typer.Option(help='start and supervise a server: "vllm serve MODEL …"')
+    ] = None,
+    judge: Annotated[
+        bool | None, typer.Option("--judge/--no-judge", help="the LLM judge stage ([judge])")
     ] = None,
 ) -> None:
     """Build a dataset (resumable: COUNT is a target for the whole OUT)."""
@@ -133,6 +177,7 @@ def build(
         model=model,
         concurrency=concurrency,
         engine="openai" if server or launch else None,
+        prompts=prompts,
         **{
             "serving.launch": launch,
             "plan.seed": seed,
@@ -141,10 +186,18 @@ def build(
             "plan.difficulty_min": lo,
             "plan.difficulty_max": hi,
             "plan.schedule": schedule,
+            "judge.enabled": judge,
         },
     )
-    summary = run_with_progress(cfg, force=force, quiet=quiet, repair=repair)
+    summary = run_with_progress(
+        cfg, force=force, quiet=quiet, repair=repair, interval_s=progress_interval
+    )
     data = summary.as_dict()
+    if json_out:
+        import orjson
+
+        sys.stdout.write(orjson.dumps({**data, "out": str(cfg.out)}).decode() + "\n")
+        raise typer.Exit(130 if summary.stopped_by == "signal" else 0)
     out.print(summary_table(data))
     out.print(f"output: {cfg.out}")
     _print_coverage_and_report(summary.coverage, cfg.out)
@@ -174,43 +227,28 @@ def _difficulty(value: str | None) -> tuple[int | None, int | None]:
 
 
 def run_with_progress(
-    cfg: Config, *, force: bool = False, quiet: bool = False, repair: bool = False
+    cfg: Config,
+    *,
+    force: bool = False,
+    quiet: bool = False,
+    repair: bool = False,
+    interval_s: float = 10.0,
 ) -> Summary:
-    """Run the pipeline with a live progress bar and graceful signal handling."""
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=quiet or not console.is_terminal,
-        transient=False,
-    )
+    """Run the pipeline with live progress (``dreamgen.progress``) and graceful signals."""
+    from dreamgen.progress import Progress, mode_for
+
     run = Run(cfg, force=force, repair=repair)
-    task = progress.add_task("accepted", total=cfg.count, completed=run.summary.total, info="")
-    last = [0.0]
-
-    def on_progress(s: Summary) -> None:
-        now = time.monotonic()
-        if now - last[0] < 0.25:
-            return
-        last[0] = now
-        rej = sum(s.rejected.values())
-        tps = s.completion_tokens / max(s.elapsed_s, 1e-9)
-        progress.update(
-            task,
-            completed=s.total,
-            info=f"rejected {rej} · {tps:.0f} tok/s · in flight {run.inflight}/{run.limit}",
-        )
-
-    run.on_progress = on_progress
+    view = Progress(run, mode_for(console, quiet=quiet), interval_s=interval_s, console=console)
 
     async def main_async() -> Summary:
         install_signals(asyncio.get_running_loop(), lambda: run.stop("signal"))
-        return await run.run()
+        ticker = asyncio.create_task(view.follow())
+        try:
+            return await run.run()
+        finally:
+            ticker.cancel()
 
-    with progress:
+    with view:
         try:
             summary = asyncio.run(main_async())
         except KeyboardInterrupt:
@@ -474,6 +512,34 @@ def label(
     raise typer.Exit(code)
 
 
+@app.command("judge-eval")
+def judge_eval_cmd(
+    labelled: Annotated[Path, typer.Argument(help="labelled conversations (JSONL)")],
+    config: Annotated[Path | None, typer.Option(help="TOML config file ([judge])")] = None,
+    server: Annotated[str | None, typer.Option(help="the judge's server URL")] = None,
+    model: Annotated[str | None, typer.Option(help="the judge's served model name")] = None,
+    concurrency: Annotated[int, typer.Option(help="conversations judged at once")] = 4,
+    limit: Annotated[int | None, typer.Option(help="judge only the first N")] = None,
+    save: Annotated[Path | None, typer.Option(help="write the calibration file here")] = None,
+) -> None:
+    """Measure the judge on labelled conversations: pairwise accuracy, position bias, kinds."""
+    from dreamgen.judge_eval import judge_eval
+    from dreamgen.labelled import LabelledError
+
+    cfg = load_config(config, **{"judge.server": server, "judge.model": model})
+    try:
+        judge_eval(
+            labelled,
+            cfg,
+            concurrency=concurrency,
+            limit=limit,
+            save=save,
+            emit=lambda line: out.print(line, highlight=False, soft_wrap=True),
+        )
+    except (LabelledError, OSError) as exc:
+        fail(str(exc))
+
+
 @app.command("label-eval")
 def label_eval(
     pred: Annotated[Path, typer.Argument(help="predicted labels (JSONL or a label OUT folder)")],
@@ -488,6 +554,12 @@ def label_eval(
     except LabelCliError as exc:
         fail(str(exc))
 
+
+from dreamgen.commands import cards_init, export_cmd, preview_cmd  # noqa: E402 (needs app)
+
+app.command("export")(export_cmd)
+app.command("preview")(preview_cmd)
+cards_app.command("init")(cards_init)
 
 if __name__ == "__main__":
     main()

@@ -131,6 +131,9 @@ class ServingConfig(_Section):
     health_interval_s: Annotated[float, Field(gt=0)] = Field(2.0, description="probe period")
     outage_backoff_max_s: Annotated[float, Field(gt=0)] = Field(30.0, description="probe backoff")
     guided_decoding: Literal["response_format", "structured_outputs"] = "response_format"
+    max_response_bytes: Annotated[int, Field(ge=65536, le=1 << 34)] | None = Field(
+        None, description="cap on one response body; default 4 MiB + 64 bytes per max_tokens"
+    )
 
 
 class DaemonConfig(_Section):

@@ -7,8 +7,17 @@ default ``OUT/dedup``; several runs may share one, set ``dedup.index``)::
     index.json        format and num_perm (runs sharing the folder must agree)
     signatures.bin    append-only rows: 16-byte exact key + num_perm uint32 MinHash values
                       (datasketch's ``affine32`` scheme, pinned: schemes do not compare)
+    index.sqlite      the lookup index derived from the log (SQLite, WAL): exact keys and
+                      LSH band hashes, plus how many log bytes it covers
 
-The in-memory index is rebuilt from the log on open. Rows are appended in one write per
+Memory stays flat as the index grows: lookups go to SQLite (a bounded page cache), not to
+an in-memory set and LSH (which cost ~3.4 KB per record). The log is the truth: on open the
+index catches up with the log (or is rebuilt from it when missing, damaged or ahead of
+it), so it has the log's durability. Banding is datasketch's own (``b`` bands of ``r``
+rows chosen for the threshold), so the same pairs collide as with ``MinHashLSH``; a
+record is a near-duplicate when any band of it collides with an accepted record's.
+
+Rows are appended in one write per
 batch under an exclusive ``flock`` and fsynced with the store's batches (``sync``), before
 the records they stand for are written: a signature whose record was lost only blocks a
 record nobody saw. A writer killed mid-write leaves a partial last row, which the next
@@ -28,6 +37,7 @@ import fcntl
 import hashlib
 import os
 import re
+import sqlite3
 import zlib
 from collections.abc import Iterator
 from enum import StrEnum
@@ -45,6 +55,7 @@ from dreamgen.store import SHARDS, StoreError, atomic_write
 _WORD = re.compile(r"\w+")
 LOG = "signatures.bin"
 META = "index.json"
+INDEX = "index.sqlite"
 INDEX_FORMAT = 1
 SCHEME = "affine32"  # datasketch >= 2: hash values are uint32
 _DTYPE = np.uint32
@@ -137,20 +148,30 @@ def _heldout_text(obj: Any) -> str | None:
 class Dedup:
     """Answers "seen before?" for records; remembers what it is told to add, durably."""
 
-    def __init__(self, folder: Path | None, threshold: float = 0.8, num_perm: int = 128) -> None:
+    def __init__(
+        self,
+        folder: Path | None,
+        threshold: float = 0.8,
+        num_perm: int = 128,
+        cache_mib: int = 16,
+    ) -> None:
         self.threshold = threshold
         self.num_perm = num_perm
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self.exact: set[bytes] = set()
+        # datasketch's banding for this threshold (its false-positive/negative balance).
+        self._ranges = MinHashLSH(threshold=threshold, num_perm=num_perm).hashranges
         self.contaminants = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.n_contaminants = 0
         self.folder = Path(folder) if folder is not None else None
         self._fd: int | None = None
-        self._n = 0
         self._perms = MinHash(num_perm=num_perm, scheme=SCHEME).permutations
         self._row = 16 + _DTYPE().itemsize * num_perm
-        self._offset = 0  # bytes of the log already in memory
         self._buf = bytearray()  # rows added but not yet written
+        # Added since the last sync: checked in memory until they are in the index.
+        self._new_keys: set[bytes] = set()
+        self._new_bands: set[int] = set()
+        self._rows: list[tuple[bytes, list[int]]] = []
+        self._last: tuple[np.ndarray, list[int]] | None = None
+        path = ":memory:"
         if self.folder is not None:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
@@ -158,8 +179,49 @@ class Dedup:
                 self._fd = os.open(self.folder / LOG, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             except OSError as exc:
                 raise DedupError(f"dedup index {self.folder}: {exc.strerror or exc}") from exc
+            path = str(self.folder / INDEX)
+        self.db = self._open_index(path, cache_mib)
+        self._n = self._count()
+        if self._fd is not None:
             with self._locked():
                 self._catch_up()
+
+    def _open_index(self, path: str, cache_mib: int) -> sqlite3.Connection:
+        try:
+            db = self._connect(path, cache_mib)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, INDEX_FORMAT):
+                raise sqlite3.DatabaseError(f"index format {version}")
+            return db
+        except sqlite3.DatabaseError:
+            # Derived data: a damaged or foreign index is rebuilt from the log.
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path + suffix)
+            return self._connect(path, cache_mib)
+
+    @staticmethod
+    def _connect(path: str, cache_mib: int) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # the log is fsynced; the index is derived
+        db.execute(f"PRAGMA cache_size=-{cache_mib * 1024}")
+        db.executescript(
+            "CREATE TABLE IF NOT EXISTS exact (k BLOB PRIMARY KEY) WITHOUT ROWID;"
+            "CREATE TABLE IF NOT EXISTS band (h INTEGER PRIMARY KEY) WITHOUT ROWID;"
+            "CREATE TABLE IF NOT EXISTS covered (id INTEGER PRIMARY KEY, bytes INTEGER);"
+            f"PRAGMA user_version={INDEX_FORMAT};"
+        )
+        return db
+
+    def _count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM exact").fetchone()[0])
+
+    @property
+    def _offset(self) -> int:
+        """Bytes of the log the index covers."""
+        row = self.db.execute("SELECT bytes FROM covered WHERE id = 0").fetchone()
+        return int(row[0]) if row else 0
 
     def _check_meta(self, path: Path) -> None:
         want = {
@@ -192,8 +254,26 @@ class Dedup:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def _bands(self, hashvalues: np.ndarray) -> list[int]:
+        """One signed 64-bit hash per LSH band (SQLite integers are signed)."""
+        # check() then add() of one signature: hash its bands once.
+        if self._last is not None and self._last[0] is hashvalues:
+            return self._last[1]
+        hv = hashvalues.astype(_DTYPE, copy=False)
+        bands = [
+            int.from_bytes(
+                hashlib.blake2b(hv[a:b].tobytes(), digest_size=8, salt=i.to_bytes(8)).digest(),
+                "little",
+                signed=True,
+            )
+            for i, (a, b) in enumerate(self._ranges)
+        ]
+        self._last = (hashvalues, bands)
+        return bands
+
     def _catch_up(self) -> None:
-        """Load rows appended since we last looked (ours on open, other runs' later).
+        """Index rows appended to the log since the index last looked (other runs', or
+        all of them when the index was rebuilt).
 
         Called under the lock: every writer holds it while writing, so a partial row
         at the end was left by a writer that died mid-write; it is cut off.
@@ -204,24 +284,44 @@ class Dedup:
         if whole != size:
             os.ftruncate(self._fd, whole)
             os.fsync(self._fd)
-        if whole <= self._offset:
-            return
-        data = os.pread(self._fd, whole - self._offset, self._offset)
-        for off in range(0, len(data) - len(data) % self._row, self._row):
-            key = data[off : off + 16]
-            hv = np.frombuffer(data[off + 16 : off + self._row], dtype=_DTYPE)
-            mh = MinHash(
-                num_perm=self.num_perm, hashvalues=hv, scheme=SCHEME, permutations=self._perms
-            )
-            self._insert(key, mh)
-        self._offset += len(data) - len(data) % self._row
+        offset = self._offset
+        if offset > whole:  # the log was replaced or cut: the index no longer matches it
+            self.db.executescript("DELETE FROM exact; DELETE FROM band; DELETE FROM covered;")
+            offset, self._n = 0, 0
+        rows: list[tuple[bytes, list[int]]] = []
+        while offset < whole:
+            n = min(whole - offset, self._row * 4096)  # bounded memory on a large catch-up
+            data = os.pread(self._fd, n, offset)
+            for off in range(0, len(data), self._row):
+                hv = np.frombuffer(data[off + 16 : off + self._row], dtype=_DTYPE)
+                rows.append((data[off : off + 16], self._bands(hv)))
+            offset += len(data)
+            # Other runs' rows: counted here (our own were counted when added).
+            self._n += self._index(rows, offset)
+            rows = []
 
-    def _insert(self, key: bytes, mh: MinHash) -> None:
-        if key in self.exact:
-            return
-        self.exact.add(key)
-        self._n += 1
-        self.lsh.insert(key.hex(), mh, check_duplication=False)
+    def _index(self, rows: list[tuple[bytes, list[int]]], covered: int) -> int:
+        """Insert rows into the index and record how much of the log it now covers;
+        returns how many exact keys were new."""
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            cur = db.executemany("INSERT OR IGNORE INTO exact VALUES (?)", ((k,) for k, _ in rows))
+            db.executemany(
+                "INSERT OR IGNORE INTO band VALUES (?)", ((h,) for _, bs in rows for h in bs)
+            )
+            db.execute("INSERT OR REPLACE INTO covered VALUES (0, ?)", (covered,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return cur.rowcount
+
+    def contains(self, key: bytes) -> bool:
+        """Whether this exact key was accepted (by this run or any run sharing the index)."""
+        if key in self._new_keys:
+            return True
+        return self.db.execute("SELECT 1 FROM exact WHERE k = ?", (key,)).fetchone() is not None
 
     def signature(self, text: str) -> tuple[bytes, MinHash]:
         """Exact key and MinHash of a text; pure, so it can run off the event loop."""
@@ -246,9 +346,13 @@ class Dedup:
         ``record`` is needed for decontamination (its scenario is compared); without it
         the conversation signature ``mh`` is compared instead.
         """
-        if key in self.exact:
+        if self.contains(key):
             return Reason.duplicate
-        if self.lsh.query(mh):
+        bands = self._bands(mh.hashvalues)
+        if not self._new_bands.isdisjoint(bands):
+            return Reason.near_duplicate
+        marks = ",".join("?" * len(bands))
+        if self.db.execute(f"SELECT 1 FROM band WHERE h IN ({marks}) LIMIT 1", bands).fetchone():
             return Reason.near_duplicate
         if self.n_contaminants:
             probe = mh if record is None else self.signature(scenario_text(record))[1]
@@ -257,27 +361,44 @@ class Dedup:
         return None
 
     def add(self, key: bytes, mh: MinHash) -> None:
-        """Remember a signature (call once its record is accepted); durable after ``sync``."""
-        if key in self.exact:
+        """Remember a signature (call once its record is accepted); durable after ``sync``.
+
+        Call it after ``check`` said None: a key another run added meanwhile is ignored by
+        the index (``INSERT OR IGNORE``), so only this run's repeats are skipped here.
+        """
+        if key in self._new_keys:
             return
-        self._insert(key, mh)
-        if self._fd is not None:
-            self._buf += key + mh.hashvalues.astype(_DTYPE).tobytes()
+        bands = self._bands(mh.hashvalues)
+        self._new_keys.add(key)
+        self._new_bands.update(bands)
+        self._rows.append((key, bands))
+        self._n += 1
+        self._buf += key + mh.hashvalues.astype(_DTYPE).tobytes()
 
     def sync(self) -> None:
         """Make added signatures durable and pick up other runs' (with the store's flush)."""
         if self._fd is None:
+            if self._rows:  # no log: the in-memory index is all there is
+                self._index(self._rows, 0)
+                self._forget_new()
             return
         with self._locked():
             self._catch_up()
             if self._buf:
+                offset = os.fstat(self._fd).st_size
                 view = memoryview(self._buf)
                 while view:
                     n = os.write(self._fd, view)
                     view = view[n:]
                 os.fsync(self._fd)
-                self._offset += len(self._buf)
-                self._buf = bytearray()
+                self._index(self._rows, offset + len(self._buf))
+                self._forget_new()
+
+    def _forget_new(self) -> None:
+        self._buf = bytearray()
+        self._rows = []
+        self._new_keys.clear()
+        self._new_bands.clear()
 
     def __len__(self) -> int:
         return self._n
@@ -287,3 +408,4 @@ class Dedup:
             self.sync()
             os.close(self._fd)
             self._fd = None
+        self.db.close()

@@ -41,7 +41,7 @@ from dreamgen.record import Quality, Record
 from dreamgen.taxonomy import DESCRIPTIONS, DIFFICULTY, CueKind
 
 SCHEMA_NAME = "judge"
-MAX_SPANS = 4  # quotes shown per kind; a record has at most 3 of each
+MAX_SPANS = 3  # quotes judged per kind: a record has at most 3 of each
 
 
 class Reason(StrEnum):
@@ -69,20 +69,20 @@ class _Model(BaseModel):
 class CueVerdict(_Model):
     """The judge on one cue quote."""
 
-    carries_direction: bool
+    direction: bool
     kind: CueKind
 
 
 class DistractorVerdict(_Model):
     """The judge on one distractor quote."""
 
-    assistant_own_idea: bool
+    own_idea: bool
 
 
 class JudgeAnswer(_Model):
     """What the judge writes, under guided decoding (the one judge schema)."""
 
-    follows_direction: Literal["A", "B"]
+    follows: Literal["A", "B"]
     cues: Annotated[list[CueVerdict], Field(max_length=MAX_SPANS)]
     distractors: Annotated[list[DistractorVerdict], Field(max_length=MAX_SPANS)]
     coherence: Annotated[int, Field(ge=1, le=5)]
@@ -134,7 +134,7 @@ def case_from_record(record: Record) -> Case:
         listening=record.target.content,
         reflex=record.contrast.content,
         difficulty=record.difficulty,
-        stakes="none",  # FIXME(judge): record.axes.stakes once issue 12 part 1 lands
+        stakes=str(record.axes.stakes),
     )
 
 
@@ -192,11 +192,11 @@ def judge_messages(case: Case, listening_as_a: bool) -> list[dict[str, str]]:
         f"Cue kinds:\n{kinds}\n\n"
         f"Difficulty levels:\n{levels}\n\n"
         "Answer with:\n"
-        '- follows_direction: "A" or "B", the reply that does what the user directed;\n'
-        f"- cues: {n_cues} entries, one per cue quote in order: carries_direction (does it "
+        '- follows: "A" or "B", the reply that does what the user directed;\n'
+        f"- cues: {n_cues} entries, one per cue quote in order: direction (does it "
         "tell the assistant what the user wants?) and kind (one of the cue kinds);\n"
         f"- distractors: {n_dis} entries, one per distractor quote in order: "
-        "assistant_own_idea (is it the assistant's own idea, not something the user asked for?);\n"
+        "own_idea (is it the assistant's own idea, not something the user asked for?);\n"
         "- coherence: 1 to 5, how coherent and natural the conversation is;\n"
         "- difficulty: 1 to 5, by the levels above;\n"
         '- names_problem: "A", "B", "both" or "neither": which replies point out a factual '
@@ -209,7 +209,10 @@ def judge_messages(case: Case, listening_as_a: bool) -> list[dict[str, str]]:
 
 
 class InvalidAnswer(ValueError):
-    """A judge answer that is not JSON of the judge schema (one line)."""
+    """A judge answer that is not JSON of the judge schema (one line); ``completion``: the
+    answer it came in, when there was one (its tokens still count)."""
+
+    completion: Completion | None = None
 
 
 def parse_answer(content: str) -> JudgeAnswer:
@@ -244,10 +247,10 @@ class Reading:
         dis = answer.distractors[:n_dis]
         pad = n_cues - len(cues)
         return cls(
-            picked_listening=answer.follows_direction == letter,
-            cue_direction=tuple(c.carries_direction for c in cues) + (False,) * pad,
+            picked_listening=answer.follows == letter,
+            cue_direction=tuple(c.direction for c in cues) + (False,) * pad,
             cue_kinds=tuple(str(c.kind) for c in cues) + (None,) * pad,
-            distractor_own=tuple(d.assistant_own_idea for d in dis) + (False,) * (n_dis - len(dis)),
+            distractor_own=tuple(d.own_idea for d in dis) + (False,) * (n_dis - len(dis)),
             coherence=answer.coherence,
             difficulty=answer.difficulty,
             listening_names_problem=answer.names_problem in (letter, "both"),
@@ -395,9 +398,13 @@ class Judge:
         finally:
             if self.gate is not None:
                 self.gate.release()
-        if completion.finish_reason == "length":
-            raise InvalidAnswer(f"cut off at max_tokens ({self.settings.max_tokens})")
-        return completion, Reading.of(parse_answer(completion.content), case, listening_as_a)
+        try:
+            if completion.finish_reason == "length":
+                raise InvalidAnswer(f"cut off at max_tokens ({self.settings.max_tokens})")
+            return completion, Reading.of(parse_answer(completion.content), case, listening_as_a)
+        except InvalidAnswer as exc:
+            exc.completion = completion
+            raise
 
     async def assess(self, case: Case) -> tuple[list[Completion], Assessment]:
         """Both asks, concurrently (order, then swapped); raises like ``ask``.
@@ -411,6 +418,9 @@ class Judge:
         )
         done = [r for r in results if not isinstance(r, BaseException)]
         completions = [c for c, _ in done]
+        completions += [
+            r.completion for r in results if isinstance(r, InvalidAnswer) and r.completion
+        ]
         for r in results:
             if isinstance(r, asyncio.CancelledError):
                 raise r
@@ -516,24 +526,24 @@ def _refusal(config: Config) -> str | None:
     return None
 
 
+def _check(config: Config) -> None:
+    j = config.judge
+    if j.server is not None and j.model is None:
+        raise ConfigError("judge.server needs judge.model (the judge's served model name)")
+    if config.engine == "embedded" and j.server is None and _separate(config):
+        raise ConfigError(
+            "the embedded engine serves only SmolLM2: set judge.server for judge.model"
+        )
+
+
 def resolve(config: Config) -> Config:
     """``config`` with ``judge.enabled`` decided; raises ConfigError if the judge is refused.
 
     Unset, the judge is off on the embedded engine and on for a server engine whose judge
     passed calibration. Set on with ``mode = "filter"``, a judge below the floor is refused.
     """
+    _check(config)
     j = config.judge
-    if j.server is not None and j.model is None:
-        raise ConfigError("judge.server needs judge.model (the judge's served model name)")
-    if (
-        config.engine == "embedded"
-        and j.model is not None
-        and j.server is None
-        and _separate(config)
-    ):
-        raise ConfigError(
-            "the embedded engine serves only SmolLM2: set judge.server for judge.model"
-        )
     enabled = j.enabled
     if enabled is None:
         enabled = (
@@ -578,6 +588,7 @@ async def open_judge(
     if generator is not None and not _separate(config):
         yield Judge(generator, config.judge, own_window=False)
         return
+    _check(config)
     own = judge_config(config) if _separate(config) else config
     async with contextlib.AsyncExitStack() as stack:
         try:  # only a failure to open is the judge's; errors of the caller's body pass as is

@@ -75,6 +75,9 @@ class LabelJob:
     fmt: str = "auto"  # one of FORMATS
     all_turns: bool = False
     samples: int = 2
+    # String bounds in the answer schema (llama.cpp needs them for a small model; vLLM's
+    # xgrammar is slow with them). None: bounded for the embedded engine only.
+    bounded: bool | None = None
     flush_items: int = 512
     flush_interval_s: float = 0.5
 
@@ -243,7 +246,7 @@ class LabelRun:
             return
         lines, found = [], []
         for turn in turns:
-            point = point_at(conv.messages, turn)
+            point = point_at(conv.messages, turn, limit=None)
             labels = rules_labels(point)
             found.append(labels)
             lines.append(_labelled(self.job, conv, turn, point, labels, self._prov, None))
@@ -293,7 +296,8 @@ class LabelRun:
         async with open_engine(job.config) as (engine, limit):
             self._prov["model"] = engine.model
             gate = engine.gate if engine.gate is not None else Gate(lambda: limit)
-            fmt = response_format(bounded=engine.name == "embedded")
+            bounded = job.bounded if job.bounded is not None else engine.name == "embedded"
+            fmt = response_format(bounded)
             try:
                 for item in self._items():
                     if self.stop_event.is_set() or self.fatal is not None:

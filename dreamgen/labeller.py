@@ -92,27 +92,38 @@ def _segments(messages: list[dict[str, str]], indices: list[int]) -> list[Segmen
     return out
 
 
-def _shown(segments: list[Segment], score: list[bool], prefix: str) -> list[Segment]:
-    """At most MAX_SHOWN segments, in text order: rule hits first, then the latest."""
-    if len(segments) > MAX_SHOWN:
-        hits = [i for i, hit in enumerate(score) if hit][:MAX_SHOWN]
+def _shown(
+    segments: list[Segment], score: list[bool], prefix: str, limit: int | None
+) -> list[Segment]:
+    """At most ``limit`` segments, in text order: rule hits first, then the latest."""
+    if limit is not None and len(segments) > limit:
+        hits = [i for i, hit in enumerate(score) if hit][:limit]
         rest = [i for i in reversed(range(len(segments))) if not score[i]]
-        keep = sorted(hits + rest[: MAX_SHOWN - len(hits)])
+        keep = sorted(hits + rest[: limit - len(hits)])
         segments = [segments[i] for i in keep]
     for n, seg in enumerate(segments, 1):
         seg.sid = f"{prefix}{n}"
     return segments
 
 
-def point_at(messages: list[dict[str, str]], turn: int) -> Point:
-    """The decision point at ``messages[turn]`` (a user turn after an assistant turn)."""
+def point_at(messages: list[dict[str, str]], turn: int, limit: int | None = MAX_SHOWN) -> Point:
+    """The decision point at ``messages[turn]`` (a user turn after an assistant turn).
+
+    ``limit`` caps the segments per side (what a model is shown; the rules pre-filter
+    picks which); None keeps them all (the rules labeller reads everything).
+    """
     kept = messages[: turn + 1]
     user = _segments(kept, [turn])
     assistant = _segments(kept, [i for i in range(turn) if kept[i]["role"] == "assistant"])
+    if limit is None:
+        no_scores: list[bool] = []
+        return Point(
+            kept, _shown(user, no_scores, "U", None), _shown(assistant, no_scores, "A", None)
+        )
     return Point(
         kept,
-        _shown(user, [cue_kind(s.text) is not None for s in user], "U"),
-        _shown(assistant, [distractor_kind(s.text) is not None for s in assistant], "A"),
+        _shown(user, [cue_kind(s.text) is not None for s in user], "U", limit),
+        _shown(assistant, [distractor_kind(s.text) is not None for s in assistant], "A", limit),
     )
 
 

@@ -16,17 +16,22 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from dreamgen.breaker import YieldBreaker, YieldError
 from dreamgen.cards import CardSet
 from dreamgen.config import Config
+from dreamgen.copies import CopyIndex
 from dreamgen.dedup import Dedup, conversation_text, exact_key, load_heldout
 from dreamgen.diskio import disk_error
 from dreamgen.engines import Completion, Engine, EngineError, Gate, open_engine, wait_event
+from dreamgen.judge import Judge, open_judge
+from dreamgen.judge import Reason as JudgeReason
+from dreamgen.judge import resolve as resolve_judge
 from dreamgen.planner import Planner, prompt_fingerprint
 from dreamgen.record import Record
 from dreamgen.rejects import RejectSample
 from dreamgen.request import Request
 from dreamgen.scenario import response_format
-from dreamgen.stages import Chain, Item, RunReason, StoreReason, chain_for
+from dreamgen.stages import JUDGE_BEFORE, Chain, Item, Outcome, RunReason, StoreReason, chain_for
 from dreamgen.store import Store, StoreError
 from dreamgen.timeseries import TimeSeries
 
@@ -47,6 +52,9 @@ class Summary:
     accepted_tokens: int = 0
     minimal_pairs: int = 0  # derived variants written beside accepted records
     engine_errors: int = 0
+    judge_requests: int = 0  # the judge's own calls and tokens, counted apart
+    judge_prompt_tokens: int = 0
+    judge_completion_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     coverage: list[dict[str, Any]] = field(default_factory=list)
@@ -74,6 +82,9 @@ class Summary:
             "completion_tokens": self.completion_tokens,
             "accepted_tokens": self.accepted_tokens,
             "minimal_pairs": self.minimal_pairs,
+            "judge_requests": self.judge_requests,
+            "judge_prompt_tokens": self.judge_prompt_tokens,
+            "judge_completion_tokens": self.judge_completion_tokens,
             "elapsed_s": round(el, 2),
             "accepted_per_s": round(self.accepted / el, 3),
             "accepted_tokens_per_s": round(self.accepted_tokens / el, 1),
@@ -97,7 +108,10 @@ class Run:
         on_completion: Callable[[Completion], Any] | None = None,
         repair: bool = False,
     ) -> None:
+        config = resolve_judge(config)  # before the store: a refused judge touches nothing
         self.config = config
+        self.judge: Judge | None = None  # set while running, when the judge is on
+        self.judge_errors = 0  # judge calls failing in a row
         # A daemon waits out outages and failing servers; a build fails with one clear line.
         self.tolerate_outages = tolerate_outages
         self.on_completion = on_completion
@@ -141,6 +155,10 @@ class Run:
         self._fixed_limit = config.concurrency
         self._wakeup = asyncio.Event()  # stop or fatal: interrupts a wait for a slot
         self.outage_timeout_s = 120.0  # a build gives up on a server down this long
+        # Every answer rejected: a build stops; a daemon is not ready until breaker_until.
+        self.breaker = YieldBreaker(config.breaker)
+        self.breaker_open: str | None = None
+        self.breaker_until = 0.0
 
     @property
     def limit(self) -> int:
@@ -157,7 +175,7 @@ class Run:
             self.pairs += record.mode == "minimal_pair"
             self.planner.observe(record)
             text = conversation_text(record)
-            if exact_key(text) not in self.dedup.exact:
+            if not self.dedup.contains(exact_key(text)):
                 self.dedup.add(*self.dedup.signature(text))
         self.dedup.sync()
         self.summary.resumed = self.store.count - self.pairs  # scenarios, as the target
@@ -172,6 +190,7 @@ class Run:
             index=self.dedup,
             store=self.store,
             full=lambda: self.reached,
+            copy_index=CopyIndex(self.cards, config.copies),
             pair_share=config.plan.minimal_pairs,
             pair_kinds=config.plan.minimal_pair_kinds,
         )
@@ -202,6 +221,7 @@ class Run:
         The caller checks that only reloadable fields changed. Raises ValueError (and
         changes nothing) if the new cards and plan admit no request.
         """
+        config = config.model_copy(update={"judge": self.config.judge})  # not reloadable
         planner = Planner(cards, config.plan, config.count)
         # Carry over what the planner learnt (counts, parents, RNG); not what the config made.
         derived = {"cards", "config", "target", "cells", "quota"}
@@ -259,10 +279,13 @@ class Run:
         tasks: set[asyncio.Task[None]] = set()
         flusher = asyncio.create_task(self._flush_loop())
         try:
-            async with open_engine(
-                self.config, wait=self.tolerate_outages, on_engine=self._set_engine
-            ) as (engine, limit):
-                self.engine = engine
+            async with (
+                open_engine(
+                    self.config, wait=self.tolerate_outages, on_engine=self._set_engine
+                ) as (engine, limit),
+                open_judge(self.config, engine, wait=self.tolerate_outages) as judge,
+            ):
+                self.engine, self.judge = engine, judge
                 self._fixed_limit = limit
                 gate = engine.gate if engine.gate is not None else Gate(lambda: self._fixed_limit)
                 self.gate = gate
@@ -318,6 +341,12 @@ class Run:
             if self.store_blocked is not None:  # daemon: the disk is full; wait it out
                 await self._pause(1.0)
                 continue
+            if self.breaker_open is not None:  # daemon: nothing was kept; wait, then retry
+                if (left := self.breaker_until - time.monotonic()) > 0:
+                    await self._pause(min(left, 1.0))
+                    continue
+                log.warning("yield breaker: pause over, trying again")
+                self.breaker_open = None
             if not await self._acquire(gate):
                 break
             while self.hold is not None and self.hold() and not self.stop_event.is_set():
@@ -342,6 +371,11 @@ class Run:
                 "prompt_tokens": old.get("prompt_tokens", 0) + s.prompt_tokens,
                 "completion_tokens": old.get("completion_tokens", 0) + s.completion_tokens,
                 "accepted_tokens": old.get("accepted_tokens", 0) + s.accepted_tokens,
+                "judge_requests": old.get("judge_requests", 0) + s.judge_requests,
+                "judge_prompt_tokens": old.get("judge_prompt_tokens", 0) + s.judge_prompt_tokens,
+                "judge_completion_tokens": (
+                    old.get("judge_completion_tokens", 0) + s.judge_completion_tokens
+                ),
             },
             "coverage": self.planner.coverage(),
             "rejected_sample": self.rejects.counts(),
@@ -352,6 +386,12 @@ class Run:
         self.inflight += 1
         try:
             await self._process(engine, request)
+        except OSError as exc:  # a stage's own file (the dedup index) on a full disk
+            self._store_failed(exc)
+        except Exception as exc:  # a bug: stop the run once, not a traceback per request
+            if self.fatal is None:
+                log.exception("internal error while processing a request: %s", exc)
+            self._fail(exc)
         finally:
             self.inflight -= 1
 
@@ -393,10 +433,15 @@ class Run:
             engine=engine.name,
             sampling=sampling,
         )
-        outcome = self.chain.process(item)
+        try:
+            outcome = await self._chain_process(item)
+        except asyncio.CancelledError:  # a second signal while the judge was asked
+            self.planner.rejected(request)
+            raise
         if outcome.reason is StoreReason.surplus:  # beyond the target: not a rejection
             self.planner.rejected(request)
             return
+        self._observe_yield(None if outcome.reason is None else str(outcome.reason))
         if outcome.reason is not None:
             self._reject(request, outcome.reason, item.content, outcome.message, item.finish_reason)
             return
@@ -404,6 +449,51 @@ class Run:
         self.pending[item.record.id] = (request, completion.completion_tokens)
         if len(self.pending) >= self.config.store.flush_records:
             self._flush()
+
+    def _observe_yield(self, reason: str | None) -> None:
+        """Feed the yield breaker one finished answer; act when it opens."""
+        why = self.breaker.observe(reason)
+        if why is None:
+            return
+        if not self.tolerate_outages:
+            self._fail(
+                YieldError(
+                    f"stopped: {why}; {self.store.count} records are durable in "
+                    f"{self.config.out} (settings: [breaker] in the config)"
+                )
+            )
+            return
+        pause = self.breaker.pause_s()
+        self.breaker_open = why
+        self.breaker_until = time.monotonic() + pause
+        log.error("yield breaker open, pausing %gs: %s", pause, why)
+
+    async def _chain_process(self, item: Item) -> Outcome:
+        """The stage chain, with the judge awaited between its two parts when it is on."""
+        judge = self.judge
+        if judge is None:
+            return self.chain.process(item)
+        outcome = self.chain.process(item, stop=JUDGE_BEFORE)
+        if outcome.reason is not None:
+            return outcome
+        assert item.record is not None
+        verdict = await judge.judge(item.record)
+        s = self.summary
+        s.judge_requests += 2
+        s.judge_prompt_tokens += sum(c.prompt_tokens for c in verdict.completions)
+        s.judge_completion_tokens += sum(c.completion_tokens for c in verdict.completions)
+        if verdict.reason is JudgeReason.judge_error:
+            self.judge_errors += 1
+            log.warning("judge error: %s", verdict.message)
+            if self.judge_errors >= 8 and not self.tolerate_outages:
+                self._fail(EngineError(f"judge: {verdict.message}"))
+        else:
+            self.judge_errors = 0
+        if verdict.quality is not None:
+            item.record.quality = verdict.quality
+        if verdict.reason is not None:
+            return Outcome(verdict.reason, verdict.message)
+        return self.chain.process(item, start=JUDGE_BEFORE)
 
     def _reject(
         self,

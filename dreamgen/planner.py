@@ -152,6 +152,51 @@ class Planner:
             quota[c] += 1
         return quota
 
+    def stakes_quota(self) -> dict[str, int] | None:
+        """Records per stakes value (beyond "none") the target holds; None: no target.
+
+        ``stakes_share`` of the directed part of the target, split evenly (largest
+        remainder); a value no card allows gets 0, since nothing could fill it.
+        """
+        if self.target is None:
+            return None
+        allowed = [v for v in STAKES if any(v in c.stakes_allowed for c in self.cards.cards)]
+        n = round((self.target - (self.undirected_quota or 0)) * self.config.stakes_share)
+        quota = dict.fromkeys(STAKES, 0)
+        for i in range(n if allowed else 0):
+            quota[allowed[i % len(allowed)]] += 1
+        return quota
+
+    def _pick_stakes(self, cell: Cell) -> str:
+        """The stakes value for a directed request in ``cell``: a closed loop like the
+        undirected share (a roll mixes them over time; the counts decide at the end)."""
+        share = self.config.stakes_share
+        roll = self.rng.random()
+        if share <= 0:
+            return Stakes.none.value
+        cue, dis, d = cell
+        servable = {
+            v
+            for c in self.cards.cards
+            if cue in c.cue_kinds and dis in c.distractor_kinds and d in c.difficulty
+            for v in c.stakes_allowed
+        } - {Stakes.none.value}
+        quota = self.stakes_quota()
+        if quota is None:
+            values = sorted(servable)
+            return self.rng.choice(values) if values and roll < share else Stakes.none.value
+        load = {v: self.stakes_filled[v] + self.stakes_inflight[v] for v in STAKES}
+        open_values = sorted(v for v in servable if load[v] < quota[v])
+        if not open_values:
+            return Stakes.none.value
+        directed = (self.target or 0) - (self.undirected_quota or 0)
+        load_none = self.stakes_filled["none"] + self.stakes_inflight["none"]
+        none_open = load_none < directed - sum(quota.values())
+        if roll < share or not none_open:
+            least = min(load[v] for v in open_values)
+            return self.rng.choice([v for v in open_values if load[v] == least])
+        return Stakes.none.value
+
     def _open(self, cells: list[Cell]) -> list[Cell]:
         return [c for c in cells if self.filled[c] + self.inflight[c] < self.quota[c]]
 
@@ -303,16 +348,21 @@ class Planner:
             return self._evolution(cell)
         return self._directed(cell)
 
-    def _card_for(self, cell: Cell) -> Card:
+    def _card_for(self, cell: Cell, stakes: str = Stakes.none.value) -> Card:
         cue, dis, d = cell
         fits = [
             c
             for c in self.cards.cards
-            if cue in c.cue_kinds and dis in c.distractor_kinds and d in c.difficulty
+            if cue in c.cue_kinds
+            and dis in c.distractor_kinds
+            and d in c.difficulty
+            and stakes in c.stakes_allowed
         ]
         return self.rng.choice(fits)
 
-    def _axes(self, card: Card, cell: Cell, domain: str | None = None) -> Axes:
+    def _axes(
+        self, card: Card, cell: Cell, domain: str | None = None, stakes: str = Stakes.none.value
+    ) -> Axes:
         if domain is None:
             least = min(self.domains[d] for d in card.domains)
             domain = self.rng.choice([d for d in card.domains if self.domains[d] == least])
@@ -322,6 +372,7 @@ class Planner:
             domain=Domain(domain),
             emotion=Emotion(self.rng.choice(card.emotions)),
             momentum=Momentum(self.rng.choice(card.momentum)),
+            stakes=Stakes(stakes),
         )
 
     def _system(self) -> tuple[str, str]:
@@ -349,8 +400,10 @@ class Planner:
         )
 
     def _directed(self, cell: Cell) -> Request:
-        card = self._card_for(cell)
-        axes = self._axes(card, cell)
+        stakes = self._pick_stakes(cell)
+        card = self._card_for(cell, stakes)
+        axes = self._axes(card, cell, stakes=stakes)
+        self.stakes_inflight[axes.stakes] += 1
         user = self.cards.render(
             card.template,
             card=card,
@@ -386,7 +439,10 @@ class Planner:
         if op == "move_domain":
             others = [x for x in Domain if x != parent.axes.domain]
             domain = self.rng.choice(others)
-        axes = self._axes(card, cell, domain)
+        # The child keeps its parent's stakes: the parent's text carries the problem.
+        stakes = parent.axes.stakes if parent.axes.stakes in card.stakes_allowed else "none"
+        axes = self._axes(card, cell, domain, stakes=stakes)
+        self.stakes_inflight[axes.stakes] += 1
         if op == "add_emotion" and axes.emotion == Emotion.neutral:
             axes.emotion = self.rng.choice([e for e in Emotion if e != Emotion.neutral])
         user = self.cards.render(

@@ -25,7 +25,7 @@ from dreamgen.dedup import Reason as DedupReason
 from dreamgen.reader import closed_shards
 from dreamgen.store import MANIFEST, SHARDS, StoreError
 from dreamgen.timeseries import read_timeseries
-from dreamgen.viewindex import judge_score
+from dreamgen.viewindex import judge_scores
 
 REPORT = "report"
 LENGTH_BUCKET = 50  # characters per histogram bin: bounded memory on any store size
@@ -63,10 +63,8 @@ class Stats:
         self.modes[str(d.get("mode") or "directed")] += 1
         self.pairs[str(d.get("minimal_pair") or "(scenario)")] += 1
         quality = d.get("quality") or {}
-        if judge_score(quality) is not None:
-            for k, v in quality.items():
-                if k.startswith("judge") and isinstance(v, int | float) and not isinstance(v, bool):
-                    self.judge[k].append(float(v))
+        for k, v in (judge_scores(quality) or {}).items():
+            self.judge[k].append(v)
 
 
 def gather(out: Path) -> Stats:

@@ -1,5 +1,5 @@
-"""The record path as a chain of stages: validate & label → filter → split → dedup → pairs
-→ store.
+"""The record path as a chain of stages: validate & label → filter → copies → split → dedup
+→ pairs → store.
 
 Each stage is a small object with one method, ``process(item) -> Outcome``: the item is
 kept (the stage may have filled in part of it), or rejected with a reason the stage owns
@@ -23,7 +23,8 @@ from typing import Any, ClassVar
 
 from datasketch import MinHash
 
-from dreamgen import dedup, filters, pairs
+from dreamgen import copies, dedup, filters, judge, pairs
+from dreamgen.copies import CopyIndex
 from dreamgen.dedup import Dedup, conversation_text
 from dreamgen.pairs import PairKind
 from dreamgen.record import Record, Split, split_for
@@ -50,7 +51,15 @@ class StoreReason(StrEnum):
 REASONS: tuple[str, ...] = tuple(
     dict.fromkeys(
         r.value
-        for enum in (ValidateReason, filters.Reason, dedup.Reason, StoreReason, RunReason)
+        for enum in (
+            ValidateReason,
+            filters.Reason,
+            copies.Reason,
+            judge.Reason,
+            dedup.Reason,
+            StoreReason,
+            RunReason,
+        )
         for r in enum
         if r is not StoreReason.surplus
     )
@@ -137,6 +146,30 @@ class Filter(Stage):
             filters.check(_record(item))
         except Rejected as rej:
             return Outcome(rej.reason, rej.message)
+        return KEPT
+
+
+class CopyCheck(Stage):
+    """Reject a record copied from what its prompt showed (``dreamgen.copies``); the share
+    it measured goes to ``quality.copy_share`` either way."""
+
+    name = "copies"
+    reasons = copies.Reason
+
+    def __init__(self, index: CopyIndex) -> None:
+        self.index = index
+
+    def process(self, item: Item) -> Outcome:
+        record = _record(item)
+        share, part = self.index.measure(record, item.request)
+        record.quality.copy_share = round(share, 4)
+        if share > self.index.config.max_share:
+            source = self.index.explain(record, item.request, part)
+            n = self.index.config.ngram
+            return Outcome(
+                copies.Reason.copied_prompt,
+                f"the {part} shares {share:.0%} of its word {n}-grams with {source}",
+            )
         return KEPT
 
 
@@ -231,18 +264,27 @@ class Chain:
         self.timed = timed
         self.times: dict[str, StageTime] = {s.name: StageTime() for s in self.stages}
 
-    def process(self, item: Item) -> Outcome:
+    def process(self, item: Item, *, start: str | None = None, stop: str | None = None) -> Outcome:
+        """Run the stages from the one named ``start`` up to (not including) ``stop``."""
+        stages = self._between(start, stop)
         if self.timed:
-            return self._timed(item)
-        for stage in self.stages:
+            return self._timed(item, stages)
+        for stage in stages:
             outcome = stage.process(item)
             if outcome.reason is not None:
                 return outcome
         return KEPT
 
-    def _timed(self, item: Item) -> Outcome:
+    def _between(self, start: str | None, stop: str | None) -> list[Stage]:
+        if start is None and stop is None:
+            return self.stages
+        names = [s.name for s in self.stages]
+        lo = 0 if start is None else names.index(start)
+        return self.stages[lo : len(names) if stop is None else names.index(stop)]
+
+    def _timed(self, item: Item, stages: Sequence[Stage]) -> Outcome:
         clock = time.thread_time_ns  # CPU of this thread: what the stage costs, not the wait
-        for stage in self.stages:
+        for stage in stages:
             t = self.times[stage.name]
             c0 = clock()
             outcome = stage.process(item)
@@ -254,12 +296,19 @@ class Chain:
         return KEPT
 
 
+# The async judge (``dreamgen.judge``) runs between the chain's two parts, just before
+# this stage. Before dedup, not after: a record must meet a near-duplicate judged at the
+# same time in the index, so DedupCheck and Keep stay back to back, with no await between.
+JUDGE_BEFORE = "dedup"
+
+
 def chain_for(
     *,
     splits: Mapping[Split, float],
     index: Dedup,
     store: Store,
     full: Callable[[], bool],
+    copy_index: CopyIndex,
     pair_share: float = 0.0,
     pair_kinds: Sequence[PairKind] = pairs.KINDS,
     timed: bool = False,
@@ -269,6 +318,7 @@ def chain_for(
         [
             Label(),
             Filter(),
+            CopyCheck(copy_index),
             AssignSplit(splits),
             DedupCheck(index),
             Pairs(pair_share, pair_kinds),

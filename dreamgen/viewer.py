@@ -128,22 +128,23 @@ class Viewer:
         q = request.query
         params = {k: q.get(k, "") for k in q}
         notes = self.notes()
-        judge_min: float | None = None
+        judge: tuple[str, float] | None = None
         if params.get("judge_min"):
             try:
-                judge_min = float(params["judge_min"])
+                judge = (params.get("judge_field") or "judge_coherence", float(params["judge_min"]))
             except ValueError:
                 notes.append(f"judge ≥ must be a number, not {params['judge_min']!r}: ignored")
         after, before = _int(params.get("after")), _int(params.get("before"))
         filters = {k: v for k, v in params.items() if v}
         text = params.get("q", "")
         rows = self.index.query(
-            filters, text=text, judge_min=judge_min, after=after, before=before, limit=PAGE_SIZE
+            filters, text=text, judge=judge, after=after, before=before, limit=PAGE_SIZE
         )
-        matches = self.index.matches(filters, text=text, judge_min=judge_min, cap=MATCH_CAP)
+        matches = self.index.matches(filters, text=text, judge=judge, cap=MATCH_CAP)
         status, building = self.status_text()
         html = viewpages.list_page(
             choices=self.choices(),
+            judge_fields=self.index.judge_fields(),
             params=params,
             rows=rows,
             matches=matches,

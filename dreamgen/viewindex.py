@@ -30,7 +30,7 @@ import orjson
 
 from dreamgen.store import SHARDS, shard_index
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 FILTERS = (
     "cue_kind",
     "distractor_kind",
@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS records (rid INTEGER PRIMARY KEY, id TEXT, shard TEXT
     line INTEGER, offset INTEGER, length INTEGER, cue_kind TEXT, distractor_kind TEXT,
     domain TEXT, emotion TEXT, momentum TEXT, difficulty INTEGER, mode TEXT, split TEXT,
     card TEXT, generation INTEGER, parent_id TEXT, group_id TEXT, pair_of TEXT,
-    minimal_pair TEXT, judge REAL, preview TEXT);
+    minimal_pair TEXT, judge TEXT, preview TEXT);
 CREATE INDEX IF NOT EXISTS records_id ON records(id);
 CREATE INDEX IF NOT EXISTS records_parent ON records(parent_id);
 CREATE INDEX IF NOT EXISTS records_pair ON records(pair_of);
@@ -71,14 +71,16 @@ def default_cache(out: Path) -> Path:
     return base / f"view-{key}"
 
 
-def judge_score(quality: dict[str, Any]) -> float | None:
-    """The lowest numeric ``quality.judge*`` field (a judge's scores), None without one."""
-    scores = [
-        float(v)
+def judge_scores(quality: dict[str, Any]) -> dict[str, float] | None:
+    """A judge's numeric scores (``quality.judge_*``), None if the record was not judged."""
+    if not quality.get("judged", True):  # unjudged records carry default zeros
+        return None
+    scores = {
+        k: float(v)
         for k, v in quality.items()
-        if k.startswith("judge") and isinstance(v, int | float) and not isinstance(v, bool)
-    ]
-    return min(scores) if scores else None
+        if k.startswith("judge_") and isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    return scores or None
 
 
 @dataclass
@@ -264,18 +266,25 @@ class ViewIndex:
         sql = f"SELECT DISTINCT {column} FROM records ORDER BY 1 LIMIT ?"
         return [v for (v,) in self.reader.execute(sql, (limit,)) if v is not None]
 
+    def judge_fields(self) -> list[str]:
+        """The judge score names present (from one judged record: a run has one judge)."""
+        row = self.reader.execute(
+            "SELECT judge FROM records WHERE judge IS NOT NULL LIMIT 1"
+        ).fetchone()
+        return sorted(orjson.loads(row[0])) if row else []
+
     def query(
         self,
         filters: dict[str, str],
         *,
         text: str = "",
-        judge_min: float | None = None,
+        judge: tuple[str, float] | None = None,
         after: int = 0,
         before: int = 0,
         limit: int = 50,
     ) -> list[sqlite3.Row]:
         """One page of matching rows (keyset paging on ``rid``: fast at any depth)."""
-        where, args = self._where(filters, text, judge_min)
+        where, args = self._where(filters, text, judge)
         if before:
             where.append("rid < ?")
             args.append(before)
@@ -297,16 +306,21 @@ class ViewIndex:
         return rows[::-1] if before else rows
 
     def matches(
-        self, filters: dict[str, str], *, text: str = "", judge_min: float | None = None, cap: int
+        self,
+        filters: dict[str, str],
+        *,
+        text: str = "",
+        judge: tuple[str, float] | None = None,
+        cap: int,
     ) -> int:
         """How many rows match, counted up to ``cap`` (an exact count of 1M costs too much)."""
-        where, args = self._where(filters, text, judge_min)
+        where, args = self._where(filters, text, judge)
         sql = f"SELECT count(*) FROM (SELECT 1 FROM records WHERE {' AND '.join(where)} LIMIT ?)"
         (n,) = self.reader.execute(sql, (*args, cap)).fetchone()
         return int(n)
 
     def _where(
-        self, filters: dict[str, str], text: str, judge_min: float | None
+        self, filters: dict[str, str], text: str, judge: tuple[str, float] | None
     ) -> tuple[list[str], list[Any]]:
         where: list[str] = ["1"]
         args: list[Any] = []
@@ -318,9 +332,9 @@ class ViewIndex:
             args.append(
                 int(value) if key in _INT_FILTERS and value.lstrip("-").isdigit() else value
             )
-        if judge_min is not None:
-            where.append("judge >= ?")
-            args.append(judge_min)
+        if judge is not None and re.fullmatch(r"judge_\w+", judge[0]):
+            where.append("json_extract(judge, ?) >= ?")  # unjudged rows (NULL) never match
+            args += [f"$.{judge[0]}", judge[1]]
         terms = fts_terms(text)
         if terms:
             where.append("rid IN (SELECT rowid FROM fts WHERE fts MATCH ?)")
@@ -396,7 +410,7 @@ def _row(d: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
         d.get("group_id") or "",
         quality.get("pair_of") or "",
         d.get("minimal_pair") or "",
-        judge_score(quality),
+        orjson.dumps(scores).decode() if (scores := judge_scores(quality)) else None,
         str(decision)[:240],
     )
     return row, "\n".join(str(m["content"]) for m in everything)

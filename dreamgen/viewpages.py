@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import orjson
+
 from dreamgen.record import Record, Span
 from dreamgen.rejects import RejectedAnswer
 
@@ -36,7 +38,9 @@ mark.distractor{background:#fecaca;outline:1px solid #dc2626}
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:12px}
 .cell{text-align:center;min-width:70px}pre{white-space:pre-wrap;background:#fff;
 border:1px solid #ddd;padding:6px;max-height:420px;overflow:auto}
-.muted{color:#777}.pager a{margin-right:12px}
+.muted{color:#777}.pager a{margin-right:12px}#records{width:100%}
+td.preview{max-width:480px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+#records td{white-space:nowrap}
 """
 
 JS = """
@@ -91,6 +95,7 @@ def _select(name: str, values: Sequence[Any], current: str) -> str:
 def list_page(
     *,
     choices: Mapping[str, Sequence[Any]],
+    judge_fields: Sequence[str],
     params: dict[str, str],
     rows: Sequence[sqlite3.Row],
     matches: int,
@@ -101,10 +106,19 @@ def list_page(
 ) -> str:
     """Records, filtered and searched, one page at a time."""
     selects = "".join(_select(k, v, params.get(k, "")) for k, v in choices.items())
+    if judge_fields:  # only when a judge scored the records
+        field = params.get("judge_field", "")
+        options = "".join(
+            f"<option{' selected' if f == field else ''}>{h(f)}</option>" for f in judge_fields
+        )
+        selects += (
+            f"<label>judge score<select name='judge_field'>{options}</select></label>"
+            f"<label>≥<input name='judge_min' size='4' value='{h(params.get('judge_min', ''))}'>"
+            "</label>"
+        )
     form = (
         "<form class='filters' method='get' action='/'>"
-        f"{selects}<label>judge ≥<input name='judge_min' size='4' "
-        f"value='{h(params.get('judge_min', ''))}'></label>"
+        f"{selects}"
         f"<label>search<input name='q' size='24' value='{h(params.get('q', ''))}'></label>"
         "<label>&nbsp;<button type='submit'>filter</button></label></form>"
     )
@@ -114,13 +128,16 @@ def list_page(
         f"<p><b id='matches'>{matches}{more}</b> matching records</p>"
     )
     cols = ("id", "cue_kind", "distractor_kind", "domain", "emotion", "momentum", "difficulty")
-    cols2 = ("mode", "split", "card", "generation", "judge")
-    header = "".join(f"<th>{c}</th>" for c in (*cols, *cols2, "decision turn"))
+    cols2 = ("mode", "split", "card", "generation")
+    header = "".join(f"<th>{c}</th>" for c in (*cols, *cols2, "judge", "decision turn"))
     body = []
     for r in rows:
         cells = [f"<td><a class='rec' href='{h(rec_url(r['id']))}'>{h(r['id'][:12])}</a></td>"]
         cells += [f"<td>{h(r[c])}</td>" for c in (*cols[1:], *cols2)]
-        cells.append(f"<td>{h(r['preview'])}</td>")
+        judged = orjson.loads(r["judge"]) if r["judge"] else {}
+        scores = ", ".join(f"{k.removeprefix('judge_')} {v:g}" for k, v in judged.items())
+        cells.append(f"<td class='judge'>{h(scores)}</td>")
+        cells.append(f"<td class='preview' title='{h(r['preview'])}'>{h(r['preview'])}</td>")
         body.append(f"<tr data-rid='{int(r['rid'])}'>{''.join(cells)}</tr>")
     keep = {k: v for k, v in params.items() if v and k not in ("after", "before")}
     pager = []

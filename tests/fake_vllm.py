@@ -14,6 +14,13 @@ It lets tests and benchmarks drive dreamgen's client at GPU-server scale without
   is produced. ``speedup`` divides every engine time so tests run the model fast.
 - Content: schema-valid scenario JSON replayed from a corpus written by a real model
   (``bench/make_corpus.py``); completion tokens = ceil(bytes/4), capped by ``max_tokens``.
+- Judge: a request with the ``judge`` schema (``dreamgen.judge``) gets a judge answer
+  computed from the prompt's own text by plain heuristics (``judge_answer``), not from
+  any labels: it picks the response sharing more words with the cue quotes, says a quote
+  carries direction / is the assistant's idea when it occurs in a user / assistant turn,
+  guesses a cue kind from keywords, coherence 4 (2 if a turn is empty), difficulty from
+  the number of user turns. ``judge="always_a"`` always answers "A" (a position-biased
+  judge); ``judge="malformed"`` answers broken JSON.
 - Faults: 5xx, 429 + Retry-After, stalls, hangs, connection resets, truncated, malformed
   and wrong-schema content, and an outage switch. Drawn per request by probability, or
   forced per request with the ``X-Sim-Fault: <kind>`` header (deterministic tests).
@@ -36,6 +43,7 @@ import heapq
 import itertools
 import math
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -220,6 +228,67 @@ class Corpus:
         return d
 
 
+JUDGE_MODES = ("heuristic", "always_a", "malformed")
+_KIND_WORDS = (  # first match wins; the cue kinds of dreamgen.taxonomy
+    ("prior_decision", ("we decided", "we agreed", "already", "as planned", "we said")),
+    ("correction", ("not ", "wrong", "actually", "instead")),
+    ("scope_limit", ("only", "just ", "nothing else", "no more")),
+    ("constraint", ("must", "can't", "cannot", "without", "deadline", "budget")),
+    ("preference", ("prefer", "i like", "rather", "i'd like")),
+)
+_PROBLEM_WORDS = ("careful", "risk", "warning", "mistake", "note that", "be aware", "wrong")
+
+
+def _words(text: str) -> set[str]:
+    cleaned = "".join(c.lower() if c.isalnum() else " " for c in text)
+    return {w for w in cleaned.split() if len(w) > 3}
+
+
+_TURN = re.compile(r"^\[\d+\] (user|assistant|system): ", re.MULTILINE)
+_QUOTE = re.compile(r'^([CD])\d+: (".*")$', re.MULTILINE)
+
+
+def _cue_kind(quote: str) -> str:
+    q = quote.lower()
+    hit = (kind for kind, words in _KIND_WORDS if any(w in q for w in words))
+    return next(hit, "explicit_instruction")
+
+
+def judge_answer(prompt: str, mode: str = "heuristic") -> str:
+    """A judge-schema answer derived from the judge prompt's text (see the module doc)."""
+    talk, _, section = prompt.partition("\n\nTwo candidate assistant replies")
+    a, _, rest = section.partition("Response A:\n")[2].partition("\n\nResponse B:\n")
+    b = rest.split("\n\nQuotes from user turns", 1)[0]
+    parts = _TURN.split(talk)[1:]  # role, content, role, content, ...
+    turns = list(zip(parts[::2], parts[1::2], strict=True))
+    user = "\n".join(c for r, c in turns if r == "user")
+    assistant = "\n".join(c for r, c in turns if r == "assistant")
+    quotes = [(m[1], orjson.loads(m[2])) for m in _QUOTE.finditer(section)]
+    cues = [q for tag, q in quotes if tag == "C"]
+    dis = [q for tag, q in quotes if tag == "D"]
+    cue_words = set().union(*map(_words, cues))
+    score_a, score_b = len(_words(a) & cue_words), len(_words(b) & cue_words)
+    # Ties break on the texts themselves, never on which came first: an honest judge.
+    follows = "A" if (score_a, b) > (score_b, a) else "B"
+    named = (
+        any(w in a.lower() for w in _PROBLEM_WORDS),
+        any(w in b.lower() for w in _PROBLEM_WORDS),
+    )
+    coherent = a.strip() and b.strip() and all(c.strip() for _, c in turns)
+    answer = {
+        "follows": "A" if mode == "always_a" else follows,
+        "cues": [{"direction": q in user, "kind": _cue_kind(q)} for q in cues],
+        "distractors": [{"own_idea": q in assistant} for q in dis],
+        "coherence": 4 if coherent else 2,
+        "difficulty": max(1, min(5, sum(r == "user" for r, _ in turns))),
+        "names_problem": {(True, True): "both", (True, False): "A", (False, True): "B"}.get(
+            named, "neither"
+        ),
+    }
+    content = orjson.dumps(answer).decode()
+    return _malformed(content) if mode == "malformed" else content
+
+
 def _malformed(content: str) -> str:
     """Not JSON: a trailing comma before the closing brace, as a sloppy model writes."""
     return content[:-1] + ",}"
@@ -384,7 +453,11 @@ class VLLMSim:
         unique: bool = True,
         faults: Faults | dict[str, float] | None = None,
         seed: int = 0,
+        judge: str = "heuristic",
     ):
+        if judge not in JUDGE_MODES:
+            raise ValueError(f"unknown judge mode {judge!r}; known: {JUDGE_MODES}")
+        self.judge = judge
         self.profile = PROFILES[profile] if isinstance(profile, str) else profile
         self.model = model
         self.host = host
@@ -548,7 +621,11 @@ class VLLMSim:
 
         rf = body.get("response_format") or {}
         schema_name = (rf.get("json_schema") or {}).get("name") if isinstance(rf, dict) else None
-        content = self.corpus.draw(undirected=schema_name == "scenario_undirected")
+        if schema_name == "judge":
+            prompt = messages[-1].get("content", "") if isinstance(messages[-1], dict) else ""
+            content = judge_answer(str(prompt), self.judge)
+        else:
+            content = self.corpus.draw(undirected=schema_name == "scenario_undirected")
         finish = "stop"
         if fault == "malformed":
             content = _malformed(content)
@@ -832,6 +909,7 @@ async def _serve(a: argparse.Namespace) -> None:
         unique=a.unique,
         faults=faults,
         seed=a.seed,
+        judge=a.judge,
     )
     await sim.start()
     info = {"url": sim.url, "port": sim.port, "model": sim.model, "profile": profile.name}
@@ -860,6 +938,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--retry-after", type=float, default=1.0, help="429 Retry-After seconds")
     ap.add_argument("--stall-s", type=float, default=2.0, help="stall fault hold seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--judge", choices=JUDGE_MODES, default="heuristic",
+                    help="how judge-schema requests are answered")  # fmt: skip
     a = ap.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(a))

@@ -38,6 +38,7 @@ def test_library_covers_the_taxonomy(cards: CardSet) -> None:
         ("distractor_kind", "distractor_kinds"),
         ("emotion", "emotions"),
         ("momentum", "momentum"),
+        ("stakes", "stakes_allowed"),
     ]:
         covered = {v for c in cards.cards for v in getattr(c, field)}
         assert covered == set(values[axis]), axis

@@ -66,11 +66,17 @@ def test_bad_files_are_one_line_errors(tmp_path):
     assert f"{bad}:2: cues.0.text" in str(err.value) and "\n" not in str(err.value)
 
 
-def decoded(tokenizer, inputs, group: str) -> str:
-    ids = [
-        t for t, g in zip(inputs.input_ids, inputs.groups, strict=True) if g == GROUPS.index(group)
-    ]
-    return tokenizer.decode(ids)
+def runs(tokenizer, inputs, group: str) -> list[str]:
+    """The decoded text of each contiguous run of positions in ``group``."""
+    out: list[list[int]] = []
+    last = -2
+    for i, g in enumerate(inputs.groups):
+        if g == GROUPS.index(group):
+            if i != last + 1:
+                out.append([])
+            out[-1].append(inputs.input_ids[i])
+            last = i
+    return [tokenizer.decode(ids) for ids in out]
 
 
 def test_groups_cover_the_prompt_and_hit_the_spans(tokenizer):
@@ -81,17 +87,14 @@ def test_groups_cover_the_prompt_and_hit_the_spans(tokenizer):
         assert sum(inputs.count(g) for g in GROUPS) == len(inputs.input_ids)
         # the decision query is template markup after the last user message
         assert inputs.groups[-1] == GROUPS.index("rest")
-        cue_text = decoded(tokenizer, inputs, "cue")
-        for cue in conv.cues:
-            assert cue.text.split()[0] in cue_text, (conv.id, cue.text)
-        for dis in conv.distractors:
-            assert dis.text.split()[-1] in decoded(tokenizer, inputs, "distractor"), conv.id
-        # controls lie in the span's message and hold none of the span's own words
-        # when the span is a whole sentence (checked on the first cue only)
-        if conv.cues:
-            control = decoded(tokenizer, inputs, "cue_control")
-            message = conv.messages[conv.cues[0].message][1]
-            assert all(word in message for word in control.split()), conv.id
+        for spans, group in ((conv.cues, "cue"), (conv.distractors, "distractor")):
+            decoded = runs(tokenizer, inputs, group)
+            for span in spans:
+                assert any(span.text in run for run in decoded), (conv.id, span.text, decoded)
+            # controls: the rest of the spans' messages, and nothing outside them
+            messages = [conv.messages[m][1] for m in {s.message for s in spans}]
+            for run in runs(tokenizer, inputs, f"{group}_control"):
+                assert any(run.strip() in m for m in messages), (conv.id, run)
 
 
 def test_repeated_phrase_marks_only_the_labelled_occurrence(tokenizer):

@@ -129,3 +129,26 @@ def test_a_shared_index_holds_across_runs(tmp_path: Path) -> None:
     b = build(tmp_path / "b", 5, "--config", str(config))
     assert seen_before(b) == 10  # b's own store was empty: the shared index knew them
     assert not (tmp_path / "a" / "dedup").exists()
+
+
+def test_the_lookup_index_is_rebuilt_from_the_log(tmp_path: Path) -> None:
+    """index.sqlite is derived: missing, damaged or ahead of the log, it is rebuilt."""
+    d = Dedup(tmp_path)
+    sigs = [d.signature(conversation_text(make_record(i))) for i in range(4)]
+    for s in sigs[:3]:
+        d.add(*s)
+    d.close()
+    index = tmp_path / "index.sqlite"
+    index.unlink()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"index.sqlite{suffix}").unlink(missing_ok=True)
+    d2 = Dedup(tmp_path)
+    assert len(d2) == 3 and [d2.check(*s) for s in sigs] == ["duplicate"] * 3 + [None]
+    d2.close()
+    index.write_bytes(b"not a database" * 100)
+    d3 = Dedup(tmp_path)
+    assert len(d3) == 3 and d3.check(*sigs[0]) == "duplicate"
+    d3.close()
+    (tmp_path / LOG).write_bytes(b"")  # the log replaced: the index must not outlive it
+    d4 = Dedup(tmp_path)
+    assert len(d4) == 0 and d4.check(*sigs[0]) is None

@@ -9,7 +9,8 @@ import pytest
 
 from dreamgen import filters, planner, stages
 from dreamgen.cards import CardSet
-from dreamgen.config import Config, PlanConfig
+from dreamgen.config import Config, CopyConfig, PlanConfig
+from dreamgen.copies import CopyIndex
 from dreamgen.dedup import Dedup
 from dreamgen.planner import Planner
 from dreamgen.scenario import Scenario
@@ -28,7 +29,12 @@ def chain(tmp_path: Path) -> stages.Chain:
     store = Store(tmp_path / "out", config={}, fingerprint="t")
     index = Dedup(tmp_path / "dedup")
     return stages.chain_for(
-        splits=Config().splits, index=index, store=store, full=lambda: False, timed=True
+        splits=Config().splits,
+        index=index,
+        store=store,
+        full=lambda: False,
+        copy_index=CopyIndex(CardSet.load(), CopyConfig()),
+        timed=True,
     )
 
 
@@ -46,7 +52,7 @@ def test_a_good_answer_passes_every_stage_and_a_repeat_is_a_duplicate(
     assert first.record is not None and first.signature is not None
     again = chain.process(_item(cards, raw))
     assert again.reason == "duplicate" and not again.kept
-    assert [t.n for t in chain.times.values()] == [2, 2, 2, 2, 1, 1]
+    assert [t.n for t in chain.times.values()] == [2, 2, 2, 2, 2, 1, 1]
     assert chain.times["dedup"].rejected == 1
 
 

@@ -18,7 +18,7 @@ from conftest import make_record
 
 from dreamgen.record import Record
 from dreamgen.store import Store
-from dreamgen.viewindex import fts_terms, judge_score
+from dreamgen.viewindex import fts_terms, judge_scores
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,5 +179,7 @@ def test_search_terms_and_judge_scores() -> None:
         == '"no" AND "pandas" AND "OR" AND "drop" AND "table"'
     )
     assert fts_terms("  ") == ""
-    assert judge_score({"judge_coherence": 4, "judge_difficulty": 2.5, "labels_agree": True}) == 2.5
-    assert judge_score({"judge_ok": True, "pair_of": ""}) is None
+    q = {"judged": True, "judge_coherence": 4, "judge_agree": True, "labels_agree": True}
+    assert judge_scores(q) == {"judge_coherence": 4.0}
+    assert judge_scores({**q, "judged": False}) is None  # defaults of an unjudged record
+    assert judge_scores({"judge_agree": True, "pair_of": ""}) is None

@@ -86,7 +86,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with SimProcess("--profile", "8b", "--speedup", "50", "--fault", "malformed=0.15") as sim:
         proc = subprocess.run(
             [sys.executable, "-m", "dreamgen", "build", "--server", sim.url, "--model", sim.model,
-             "--count", "40", "--out", str(out), "--config", str(cfg), "--quiet", "--seed", "5"],
+             "--count", "40", "--out", str(out), "--config", str(cfg), "--quiet", "--seed", "5",
+             "--concurrency", "4"],  # a small window: evolution needs accepted parents
             capture_output=True, text=True, timeout=300, cwd=ROOT,
         )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

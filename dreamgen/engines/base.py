@@ -74,6 +74,11 @@ class Engine(abc.ABC):
         """Requests retried after a transient failure, in all."""
         return 0
 
+    @property
+    def server_errors(self) -> int:
+        """HTTP 429 and 5xx answers received, in all (retried or not)."""
+        return 0
+
     def reason(self) -> str:
         """Why the engine is not ready (empty when it is)."""
         return "" if self.ready else "engine not ready"

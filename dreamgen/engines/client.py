@@ -5,6 +5,10 @@ CPU, while streaming costs ~37 ms per answer (DESIGN.md). The connection pool is
 above the concurrency limit, because a pool smaller than the limit silently caps it.
 Transient failures are retried with backoff, within a retry budget. ``ServerEngine``
 wraps one client per server.
+
+Every body is read with a cap (``bounded``): by default a few MB beyond what
+``max_tokens`` can produce, so a server answering 100 MB, an endless chunked body or a
+gzip bomb costs a bounded read and one counted error, never our memory.
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from dreamgen.engines.base import Completion, EngineError, TransientError
+from dreamgen.engines.bounded import (
+    ACCEPT_ENCODING,
+    SMALL_CAP,
+    TOKEN_CAP,
+    read_capped,
+    response_cap,
+    token_count,
+)
 
 
 class RetryBudget:
@@ -70,6 +82,7 @@ class OpenAIClient:
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
         extra_body: dict[str, Any] | None = None,
+        max_response_bytes: int | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.model = model
@@ -80,6 +93,7 @@ class OpenAIClient:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.extra_body = extra_body or {}
+        self.max_response_bytes = max_response_bytes  # None: derived from max_tokens
         self.budget = RetryBudget()
         self.retries = 0
         self._session: aiohttp.ClientSession | None = None
@@ -97,14 +111,18 @@ class OpenAIClient:
         await self.close()
 
     async def start(self) -> None:
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", "Accept-Encoding": ACCEPT_ENCODING}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         connector = aiohttp.TCPConnector(limit=self.concurrency + 64, limit_per_host=0)
         # Generations take tens of seconds under load: only a generous total timeout.
         timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=10)
         self._session = aiohttp.ClientSession(
-            headers=headers, connector=connector, timeout=timeout, json_serialize=_dumps
+            headers=headers,
+            connector=connector,
+            timeout=timeout,
+            json_serialize=_dumps,
+            auto_decompress=False,  # read_capped decodes, with a cap (gzip bombs)
         )
 
     async def close(self) -> None:
@@ -128,10 +146,15 @@ class OpenAIClient:
                     raise EngineError(f"{self.base_url} refused the API key (HTTP {resp.status})")
                 if resp.status != 200:
                     raise EngineError(f"{self.base_url}/v1/models answered HTTP {resp.status}")
-                body = orjson.loads(await resp.read())
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                body = orjson.loads(await read_capped(resp, SMALL_CAP))
+        except (aiohttp.ClientError, TimeoutError, OSError, TransientError) as exc:
             raise EngineError(f"cannot reach {self.base_url}: {_describe(exc)}") from exc
-        return [str(m.get("id")) for m in body.get("data", [])]
+        except orjson.JSONDecodeError as exc:
+            raise EngineError(f"{self.base_url}/v1/models answered invalid JSON: {exc}") from exc
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise EngineError(f"{self.base_url}/v1/models answered something that is not a list")
+        return [str(m.get("id")) for m in data if isinstance(m, dict)]
 
     async def chat(
         self,
@@ -181,13 +204,16 @@ class OpenAIClient:
 
     async def _post(self, body: dict[str, Any]) -> Completion:
         t0 = time.perf_counter()
+        max_tokens = body.get("max_tokens")
+        max_tokens = max_tokens if isinstance(max_tokens, int) else None
+        cap = response_cap(max_tokens, self.max_response_bytes)
         try:
             async with self.session.post(
                 f"{self.base_url}/v1/chat/completions", data=orjson.dumps(body)
             ) as resp:
-                raw = await resp.read()
                 status = resp.status
                 retry_after = _retry_after(resp.headers)
+                raw = await read_capped(resp, cap)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransientError(_describe(exc)) from exc
         if status == 429 or status >= 500:
@@ -197,15 +223,25 @@ class OpenAIClient:
         try:
             data = orjson.loads(raw)
             choice = data["choices"][0]
-            usage = data.get("usage") or {}
+            content = choice["message"].get("content") or ""
+            finish = choice.get("finish_reason") or ""
+            if not isinstance(content, str) or not isinstance(finish, str):
+                raise TypeError("content or finish_reason is not a string")
+            usage = data.get("usage")
+            usage = usage if isinstance(usage, dict) else {}
             return Completion(
-                content=choice["message"].get("content") or "",
-                finish_reason=choice.get("finish_reason") or "",
-                prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                completion_tokens=int(usage.get("completion_tokens", 0)),
+                content=content,
+                finish_reason=finish,
+                # Clamped: a count past 64 bits (or negative, or NaN) would poison totals.
+                prompt_tokens=token_count(usage.get("prompt_tokens"), TOKEN_CAP),
+                completion_tokens=token_count(
+                    usage.get("completion_tokens"), max_tokens or TOKEN_CAP
+                ),
                 latency_s=time.perf_counter() - t0,
             )
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        except (
+            orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError,
+        ) as exc:  # fmt: skip
             # A 200 with a body that is not a completion: a proxy page, a half-written body.
             raise TransientError(f"malformed response body: {raw[:120]!r}") from exc
 

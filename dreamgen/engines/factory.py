@@ -111,6 +111,7 @@ async def _open_openai(
             backoff_max_s=serving.outage_backoff_max_s,
             guided=serving.guided_decoding,
             launcher=launcher,
+            max_response_bytes=serving.max_response_bytes,
         )
         # A launched server is loading: wait for it (a build, up to launch_timeout_s).
         timeout = serving.launch_timeout_s if launcher and not wait else None

@@ -36,6 +36,13 @@ from dreamgen.engines.base import (
     EngineUnavailable,
     TransientError,
 )
+from dreamgen.engines.bounded import (
+    ACCEPT_ENCODING,
+    METRICS_CAP,
+    SMALL_CAP,
+    BodyTooLarge,
+    read_capped,
+)
 from dreamgen.engines.client import OpenAIClient, _describe
 from dreamgen.engines.launcher import Launcher
 from dreamgen.engines.limits import AdaptiveLimiter, Gate, ServerLoad, parse_metrics
@@ -101,6 +108,7 @@ class ServerEngine(Engine):
         backoff_max_s: float = 30.0,
         guided: str = "response_format",
         launcher: Launcher | None = None,
+        max_response_bytes: int | None = None,
     ) -> None:
         if not servers:
             raise EngineError("no server URL given")
@@ -123,6 +131,7 @@ class ServerEngine(Engine):
                     concurrency=ceiling,
                     timeout_s=timeout_s,
                     max_attempts=max_attempts,
+                    max_response_bytes=max_response_bytes,
                 ),
                 limiter=AdaptiveLimiter(
                     adapt.start or ceiling, max_limit=ceiling, adaptive=adaptive, settings=adapt
@@ -134,6 +143,7 @@ class ServerEngine(Engine):
             r.client.on_retry = self._retry_hook(r)
         self.gate = Gate(self._capacity)
         self.outages = 0
+        self._server_errors = 0
         self.down_since = time.monotonic()  # not ready until the first probe passes
         self._probe_session: aiohttp.ClientSession | None = None
         self._monitor_task: asyncio.Task[None] | None = None
@@ -159,6 +169,10 @@ class ServerEngine(Engine):
     @property
     def retries(self) -> int:
         return sum(r.client.retries for r in self.replicas)
+
+    @property
+    def server_errors(self) -> int:
+        return self._server_errors
 
     def reason(self) -> str:
         """Why the engine is not ready (empty when it is)."""
@@ -202,7 +216,9 @@ class ServerEngine(Engine):
         for r in self.replicas:
             await r.client.start()
         self._probe_session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=10, sock_connect=5)
+            timeout=aiohttp.ClientTimeout(total=10, sock_connect=5),
+            headers={"Accept-Encoding": ACCEPT_ENCODING},
+            auto_decompress=False,  # read_capped decodes, with a cap
         )
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         logged = ""
@@ -281,6 +297,8 @@ class ServerEngine(Engine):
     def _retry_hook(self, r: Replica) -> Callable[[BaseException | None], None]:
         def hook(exc: BaseException | None) -> None:
             if isinstance(exc, TransientError):
+                if exc.status is not None:  # an HTTP 429/5xx answer (not a lost connection)
+                    self._server_errors += 1
                 if exc.status in (429, 503) and r.up and r.limiter.on_overload():
                     self.gate.notify()
                 if exc.status is None or exc.status == 503:
@@ -295,16 +313,16 @@ class ServerEngine(Engine):
 
     # -- health --------------------------------------------------------------------------
 
-    async def _get(self, url: str) -> tuple[int, bytes]:
+    async def _get(self, url: str, cap: int = SMALL_CAP) -> tuple[int, bytes]:
         assert self._probe_session is not None
         async with self._probe_session.get(url) as resp:
-            return resp.status, await resp.read()
+            return resp.status, await read_capped(resp, cap)
 
     async def _probe(self, r: Replica) -> None:
         """One health check (and metrics scrape) of one server; updates its state."""
         try:
             status, _ = await self._get(f"{r.url}/health")
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, TransientError) as exc:
             self._mark_down(r, f"cannot reach {r.url}: {_describe(exc)}")
             return
         if status not in (200, 404):  # 404: a server without /health; /v1/models decides
@@ -330,8 +348,11 @@ class ServerEngine(Engine):
 
     async def _scrape(self, r: Replica) -> None:
         try:
-            status, body = await self._get(f"{r.url}/metrics")
-        except (aiohttp.ClientError, TimeoutError, OSError):
+            status, body = await self._get(f"{r.url}/metrics", METRICS_CAP)
+        except (aiohttp.ClientError, TimeoutError, OSError, TransientError) as exc:
+            if isinstance(exc, BodyTooLarge):
+                log.warning("%s/metrics: %s; concurrency stays fixed", r.url, exc)
+                r.metrics_ok = False
             return  # /health passed: a failed scrape alone is not an outage
         if status != 200:
             if status == 404:
