@@ -30,7 +30,7 @@ from dreamgen.experiment import ExperimentConfig, Report, format_report, run_exp
 from dreamgen.objectives import TrainSettings  # noqa: E402
 
 DEV = ROOT / "tests" / "data" / "dev.jsonl"
-FULL = TrainSettings(steps=30, batch_size=4, lr=3e-4, max_length=384, attn_lambda=1.0)
+FULL = TrainSettings(steps=24, batch_size=4, lr=3e-4, max_length=384, attn_lambda=1.0)
 SMOKE = TrainSettings(steps=2, batch_size=2, lr=3e-4, max_length=384)
 
 

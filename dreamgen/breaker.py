@@ -77,9 +77,7 @@ class YieldBreaker:
         self.streak += 1
         self.streak_reasons[reason] += 1
         if self.streak >= self.config.max_without_accept:
-            return self._open(
-                f"{self.streak} answers in a row were rejected", self.streak_reasons
-            )
+            return self._open(f"{self.streak} answers in a row were rejected", self.streak_reasons)
         full = len(self.recent) == self.recent.maxlen
         kept = len(self.recent) - sum(self.recent_reasons.values())
         if full and self.config.min_yield > 0 and kept < self.config.min_yield * len(self.recent):

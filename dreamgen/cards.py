@@ -284,13 +284,13 @@ def _lint_templates(root: Path, cards: Iterable[Card]) -> list[str]:
         try:  # through the sandbox's loader: its size and encoding limits apply
             source = env.loader_source(name)
             ast = env.parse(source, name, str(path))
-        except jinja2.TemplateSyntaxError as exc:
+            unknown = meta.find_undeclared_variables(ast) - _context_for(name, cards)
+        except jinja2.TemplateSyntaxError as exc:  # TemplateAssertionError: an unknown filter
             problems.append(f"{path}:{exc.lineno}: template syntax error: {one_line(exc.message)}")
             continue
         except jinja2.TemplateError as exc:
             problems.append(one_line(exc))
             continue
-        unknown = meta.find_undeclared_variables(ast) - _context_for(name, cards)
         for var in sorted(unknown):
             line = next((i for i, text in enumerate(source.splitlines(), 1) if var in text), None)
             where = f":{line}" if line else ""

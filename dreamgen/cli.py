@@ -18,6 +18,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+# typer ships its own copy of click; its exceptions live only there (typer >= 0.20).
+from typer._click import exceptions as click_errors
+
+from dreamgen.breaker import YieldError
 from dreamgen.cards import CardError, CardSet, lint
 from dreamgen.config import Config, ConfigError, load_config
 from dreamgen.engines import EngineError
@@ -33,7 +37,7 @@ app.add_typer(cards_app, name="cards")
 console = Console(stderr=True)
 out = Console()
 
-USER_ERRORS = (ConfigError, CardError, StoreError, EngineError)
+USER_ERRORS = (ConfigError, CardError, StoreError, EngineError, YieldError)
 
 
 def _print_version(value: bool) -> None:
@@ -65,7 +69,24 @@ def main() -> None:
     """Console entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        app()
+        # Not standalone: a bad flag or value reaches us, to be one line like every error.
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click_errors.UsageError as exc:
+        where = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        console.print(
+            f"[bold red]error:[/] {escape(exc.format_message())}{escape(where)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
+    except click_errors.ClickException as exc:  # e.g. a file option that cannot be opened
+        console.print(f"[bold red]error:[/] {escape(exc.format_message())}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
     except USER_ERRORS as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -74,9 +95,20 @@ def main() -> None:
 
         line = missing_extra(exc)
         if line is None:
-            raise
+            _internal(exc)
         console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Exception as exc:  # a bug, not the user's doing: one line, the traceback in a file
+        _internal(exc)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _internal(exc: BaseException) -> NoReturn:
+    from dreamgen.crash import internal_error_line
+
+    line = internal_error_line(exc, sys.argv)
+    console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    sys.exit(1)
 
 
 def summary_table(summary: dict[str, Any], title: str = "build summary") -> Table:
@@ -297,8 +329,17 @@ def coverage(path: Path) -> None:
     manifest = path / "manifest.json"
     if not manifest.exists():
         fail(f"{path} has no manifest.json (not a dreamgen output folder?)")
-    data = orjson.loads(manifest.read_bytes())
-    out.print(coverage_table(data.get("coverage", [])))
+    try:
+        data = orjson.loads(manifest.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        fail(f"{manifest}: not readable JSON ({exc})")
+    rows = data.get("coverage", []) if isinstance(data, dict) else None
+    keys = ("cue_kind", "distractor_kind", "difficulty", "filled", "quota")
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and all(k in r for k in keys) for r in rows
+    ):
+        fail(f"{manifest}: no coverage table in it (not a dreamgen manifest, or damaged)")
+    out.print(coverage_table(rows))
 
 
 @app.command()

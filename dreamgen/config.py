@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dreamgen.breaker import BreakerConfig
 from dreamgen.cards import PROMPTS_DIR
 from dreamgen.errors import first_error
 from dreamgen.pairs import PairKind
@@ -20,20 +21,34 @@ class ConfigError(Exception):
     """The configuration is invalid; the message says which field and why."""
 
 
+# Every number in a config is finite (no nan/inf: `_Section` refuses them) and bounded well
+# below what breaks a timer, arithmetic or a 64-bit JSON integer in the manifest.
+WEEK_S = 7 * 86_400.0
+BIG = 1_000_000  # concurrency, tokens, counts of things per batch
+SEED = Annotated[int, Field(ge=0, le=2**62)]
+SECONDS = Annotated[float, Field(gt=0, le=WEEK_S)]
+GRACE = Annotated[float, Field(ge=0, le=WEEK_S)]
+POSITIVE = Annotated[int, Field(ge=1, le=BIG)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SamplingConfig(_Section):
     """Sampling parameters sent with every request."""
 
-    temperature: float = Field(0.3, description="low by default: the small model rambles hot")
-    top_p: float = 0.95
-    max_tokens: int = Field(1200, description="answers that hit this are rejected as truncated")
-    seed: int | None = Field(None, description="per-request seed base (vLLM honours it)")
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = Field(
+    temperature: Annotated[float, Field(ge=0, le=10)] = Field(
+        0.3, description="low by default: the small model rambles hot"
+    )
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    max_tokens: Annotated[int, Field(ge=1, le=BIG)] = Field(
+        1200, description="answers that hit this are rejected as truncated"
+    )
+    seed: SEED | None = Field(None, description="per-request seed base (vLLM honours it)")
+    top_k: Annotated[int, Field(ge=-1, le=BIG)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = Field(
         1.1, description="vLLM's name; sent as repeat_penalty too for llama.cpp"
     )
 
@@ -59,7 +74,7 @@ class SamplingConfig(_Section):
 class PlanConfig(_Section):
     """What the planner aims for."""
 
-    seed: int = 0
+    seed: SEED = 0
     difficulty_min: Annotated[int, Field(ge=1, le=5)] = 1
     difficulty_max: Annotated[int, Field(ge=1, le=5)] = 5
     schedule: Literal["uniform", "broad_to_subtle"] = "uniform"
@@ -70,20 +85,29 @@ class PlanConfig(_Section):
     stakes_share: Annotated[float, Field(ge=0, le=1)] = 0.1
     max_generation: Annotated[int, Field(ge=1, le=10)] = 3
     # Relative cell weights: keys "cue_kind/distractor_kind/difficulty", "*" matches any.
-    quotas: dict[str, float] = {}
+    quotas: dict[str, Annotated[float, Field(ge=0, le=1e9)]] = {}
     # Share of accepted scenarios that also get minimal-pair variants (chosen by record id,
     # so the choice is stable across runs); which variants to derive.
     minimal_pairs: Annotated[float, Field(ge=0, le=1)] = 0.0
     minimal_pair_kinds: list[PairKind] = ["cue_removed", "cue_contradicted"]
 
+    @model_validator(mode="after")
+    def _range(self) -> PlanConfig:
+        if self.difficulty_min > self.difficulty_max:
+            raise ValueError(
+                f"difficulty_min {self.difficulty_min} is above difficulty_max "
+                f"{self.difficulty_max}"
+            )
+        return self
+
 
 class StoreConfig(_Section):
     """How the output is sharded and flushed."""
 
-    shard_records: Annotated[int, Field(ge=1)] = 1000
-    shard_age_s: Annotated[float, Field(gt=0)] = 600.0
-    flush_records: Annotated[int, Field(ge=1)] = 32
-    flush_interval_s: Annotated[float, Field(gt=0)] = 0.2
+    shard_records: Annotated[int, Field(ge=1, le=10**9)] = 1000
+    shard_age_s: SECONDS = 600.0
+    flush_records: Annotated[int, Field(ge=1, le=BIG)] = 32
+    flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.2
 
 
 class DedupConfig(_Section):
@@ -110,13 +134,13 @@ class CopyConfig(_Section):
 class AdaptConfig(_Section):
     """AIMD tuning for ``adaptive = true`` (limits are per server); see ``AdaptiveLimiter``."""
 
-    min_concurrency: Annotated[int, Field(ge=1)] = Field(8, description="floor of the limit")
-    start: Annotated[int, Field(ge=1)] | None = Field(None, description="default: concurrency")
-    increase: Annotated[int, Field(ge=1)] = Field(8, description="added per calm scrape")
+    min_concurrency: Annotated[int, Field(ge=1, le=BIG)] = Field(8, description="limit floor")
+    start: POSITIVE | None = Field(None, description="default: concurrency")
+    increase: Annotated[int, Field(ge=1, le=BIG)] = Field(8, description="added per calm scrape")
     decrease: Annotated[float, Field(gt=0, lt=1)] = Field(0.8, description="factor on overload")
-    max_waiting: Annotated[int, Field(ge=0)] = Field(8, description="queue length that is overload")
+    max_waiting: Annotated[int, Field(ge=0, le=BIG)] = Field(8, description="overload queue length")
     max_kv_usage: Annotated[float, Field(gt=0, le=1)] = Field(0.97, description="KV 'full' mark")
-    cooldown_s: Annotated[float, Field(ge=0)] = Field(5.0, description="between decreases")
+    cooldown_s: GRACE = Field(5.0, description="between decreases")
 
 
 class ServingConfig(_Section):
@@ -124,13 +148,19 @@ class ServingConfig(_Section):
 
     launch: str | None = Field(None, description="command that starts the server (vllm serve …)")
     launch_log: Path | None = Field(None, description="its log file; default OUT/server.log")
-    launch_timeout_s: Annotated[float, Field(gt=0)] = Field(1800.0, description="first /health")
-    stop_grace_s: Annotated[float, Field(ge=0)] = Field(30.0, description="SIGTERM → SIGKILL")
-    restart_backoff_s: Annotated[float, Field(gt=0)] = 2.0
-    restart_backoff_max_s: Annotated[float, Field(gt=0)] = 120.0
-    health_interval_s: Annotated[float, Field(gt=0)] = Field(2.0, description="probe period")
-    outage_backoff_max_s: Annotated[float, Field(gt=0)] = Field(30.0, description="probe backoff")
+    launch_timeout_s: SECONDS = Field(1800.0, description="first /health")
+    stop_grace_s: GRACE = Field(30.0, description="SIGTERM → SIGKILL")
+    restart_backoff_s: SECONDS = 2.0
+    restart_backoff_max_s: SECONDS = 120.0
+    health_interval_s: SECONDS = Field(2.0, description="probe period")
+    outage_backoff_max_s: SECONDS = Field(30.0, description="probe backoff")
     guided_decoding: Literal["response_format", "structured_outputs"] = "response_format"
+    schema_dialect: Literal["bounded", "unbounded"] = Field(
+        "unbounded",
+        description="unbounded: schemas without string lengths (xgrammar decodes them "
+        "~2x faster; pydantic enforces the bounds after); bounded: for small models that "
+        "ramble without a hard stop (the embedded engine always uses it)",
+    )
     max_response_bytes: Annotated[int, Field(ge=65536, le=1 << 34)] | None = Field(
         None, description="cap on one response body; default 4 MiB + 64 bytes per max_tokens"
     )
@@ -141,7 +171,7 @@ class DaemonConfig(_Section):
 
     host: str = Field("127.0.0.1", description="health and metrics address")
     port: Annotated[int, Field(ge=0, le=65535)] = Field(9450, description="0: ephemeral")
-    grace_s: Annotated[float, Field(ge=0)] = Field(30.0, description="drain time on SIGTERM")
+    grace_s: Annotated[float, Field(ge=0, le=WEEK_S)] = Field(30.0, description="drain on SIGTERM")
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: Path | None = Field(None, description="default: stderr")
@@ -150,9 +180,9 @@ class DaemonConfig(_Section):
 class OfflineConfig(_Section):
     """``engine = "vllm-offline"``: keyword arguments of ``vllm.LLM``."""
 
-    tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=1024)] = 1
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
-    max_model_len: Annotated[int, Field(ge=1)] | None = None
+    max_model_len: Annotated[int, Field(ge=1, le=10**8)] | None = None
     dtype: str = "auto"
     llm_args: dict[str, Any] = Field({}, description="any other vllm.LLM keyword argument")
 
@@ -168,7 +198,7 @@ class JudgeConfig(_Section):
     )
     server: str | None = Field(None, description="the judge's own server; default: the generator")
     model: str | None = Field(None, description="judge model name; default: the generator's")
-    concurrency: Annotated[int, Field(ge=1)] = Field(64, description="judge window, own server")
+    concurrency: Annotated[int, Field(ge=1, le=BIG)] = Field(64, description="judge window")
     calibration: Path | None = Field(None, description="`dreamgen judge-eval --save` output")
     floor: Annotated[float, Field(ge=0, le=1)] = Field(
         0.7, description="dev-set pairwise accuracy needed to filter (0: no calibration needed)"
@@ -180,24 +210,24 @@ class JudgeConfig(_Section):
     min_coherence: Annotated[float, Field(ge=1, le=5)] = 3.0
     max_difficulty_gap: Annotated[float, Field(ge=0, le=4)] = 2.0
     require_problem_named: bool = Field(True, description="stakes != none: listening names it")
-    temperature: Annotated[float, Field(ge=0)] = 0.0
-    max_tokens: Annotated[int, Field(ge=16)] = 400
+    temperature: Annotated[float, Field(ge=0, le=10)] = 0.0
+    max_tokens: Annotated[int, Field(ge=16, le=BIG)] = 400
 
 
 class Config(_Section):
     """Everything a build, a daemon or a library call needs."""
 
     out: Path = Path("output/run")
-    count: Annotated[int, Field(ge=1)] | None = Field(50, description="target for the whole OUT")
+    count: Annotated[int, Field(ge=1, le=10**12)] | None = Field(50, description="target for OUT")
     engine: Literal["embedded", "openai", "vllm-offline"] = "embedded"
     servers: list[str] = Field([], description="OpenAI-compatible base URLs (replicas)")
     model: str | None = Field(None, description="served model name; embedded: SmolLM2")
     api_key_env: str = Field("DREAMGEN_API_KEY", description="env var holding the API key")
-    concurrency: Annotated[int, Field(ge=1)] = 256
+    concurrency: Annotated[int, Field(ge=1, le=BIG)] = 256
     adaptive: bool = Field(False, description="adapt concurrency to vLLM's /metrics")
-    embedded_parallel: Annotated[int, Field(ge=1)] = 4
-    request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
-    max_attempts: Annotated[int, Field(ge=1)] = 6
+    embedded_parallel: Annotated[int, Field(ge=1, le=1024)] = 4
+    request_timeout_s: SECONDS = 600.0
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 6
     prompts: Path = Field(
         PROMPTS_DIR,
         description="seed cards folder; default: the library shipped in dreamgen/prompts/",
@@ -214,7 +244,8 @@ class Config(_Section):
     daemon: DaemonConfig = DaemonConfig()
     offline: OfflineConfig = OfflineConfig()
     judge: JudgeConfig = JudgeConfig()
-    splits: dict[Literal["train", "eval", "probe"], float] = {
+    breaker: BreakerConfig = BreakerConfig()
+    splits: dict[Literal["train", "eval", "probe"], Annotated[float, Field(ge=0, le=1)]] = {
         "train": 0.9,
         "eval": 0.05,
         "probe": 0.05,
@@ -275,6 +306,12 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise ConfigError(f"config file not found: {path}") from exc
+        except IsADirectoryError as exc:
+            raise ConfigError(f"{path}: is a directory, not a TOML config file") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
     for key, value in overrides.items():

@@ -113,6 +113,8 @@ class Daemon:
             return False, engine.reason() or "engine not ready"
         if run.gate is None:
             return False, "starting the engine"
+        if run.breaker_open is not None:
+            return False, f"yield breaker open (retrying later): {run.breaker_open}"
         ok, why = self.check_store()
         if not ok:
             return False, why

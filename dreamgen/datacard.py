@@ -30,7 +30,8 @@ FORMAT_NOTES = {
     "trl-dpo": "TRL conversational preference: `prompt`, `chosen` (`[target]`), "
     "`rejected` (`[contrast]`), for `DPOTrainer`.",
     "sharegpt": "ShareGPT turns (`from`/`value`): `conversations` is the context with the "
-    "target appended (SFT); `prompt`, `chosen`, `rejected` for preference trainers.",
+    "target appended (SFT; `train` is true on the target turn only); `prompt`, `chosen`, "
+    "`rejected` for preference trainers.",
     "openai-chat": "OpenAI chat fine-tuning rows: `messages` is the whole conversation with "
     "the target as its last assistant turn; ids and spans are in `SPLIT.spans.jsonl`.",
     "hf": "A `datasets.DatasetDict` (`load_from_disk`), columns of `trl-dpo` plus "

@@ -12,9 +12,9 @@ Formats (``FORMATS``):
   messages) and ``completion`` (``[target]``): the loss falls on the listening response.
 - ``trl-dpo``: TRL's conversational preference rows, ``prompt``, ``chosen`` (``[target]``)
   and ``rejected`` (``[contrast]``).
-- ``sharegpt``: ``conversations`` (``from``/``value`` turns, the target appended), plus
-  ``prompt`` (the context only), ``chosen`` and ``rejected`` (one turn each) for
-  preference trainers.
+- ``sharegpt``: ``conversations`` (``from``/``value`` turns, the target appended; each
+  turn's ``train`` is true on the target only), plus ``prompt`` (the context only),
+  ``chosen`` and ``rejected`` (one turn each) for preference trainers.
 - ``openai-chat``: ``messages`` (the full conversation with the target appended) and
   nothing else, as the OpenAI fine-tuning format defines; ids and spans go to a sidecar
   ``SPLIT.spans.jsonl``, line for line.
@@ -121,8 +121,11 @@ def _turn(m: Message) -> dict[str, str]:
 
 
 def _sharegpt(r: Record) -> dict[str, Any]:
+    # `train` marks the one turn to learn: the earlier assistant turns hold the assistant's
+    # own idea (the distractors), which a trainer must not learn to say.
+    turns = [{**_turn(m), "train": False} for m in r.messages]
     return {
-        "conversations": [_turn(m) for m in [*r.messages, r.target]],
+        "conversations": [*turns, {**_turn(r.target), "train": True}],
         "prompt": [_turn(m) for m in r.messages],
         "chosen": _turn(r.target),
         "rejected": _turn(r.contrast),
@@ -322,8 +325,9 @@ def push_to_hub(dest: str | Path, repo: str, *, private: bool = False) -> str:
         )
     except HfHubHTTPError as exc:
         raise ExportError(f"the Hub refused the upload to {repo}: {_one_line(exc)}") from None
-    except (OSError, ValueError) as exc:
-        # Connection failures reach us as requests/httpx errors, subclasses of OSError.
+    except Exception as exc:
+        # Connection failures arrive as the Hub client's own HTTP library's errors
+        # (requests, httpx or httpx2 by huggingface_hub version), not a common base class.
         raise ExportError(f"cannot reach the Hub to push {repo}: {_one_line(exc)}") from None
     return str(info.commit_url or f"https://huggingface.co/datasets/{repo}")
 

@@ -133,7 +133,7 @@ def _hash(value: Any) -> str:
     return hashlib.sha256(orjson.dumps(value)).hexdigest()[:16]
 
 
-def _labelled(
+def labelled_line(
     job: LabelJob,
     conv: Conversation,
     turn: int,
@@ -142,6 +142,7 @@ def _labelled(
     prov: dict[str, Any],
     confidence: float | None,
 ) -> bytes:
+    """One validated ``Labelled`` JSONL line (no newline) for a labelled decision point."""
     group = conv.source_id or _hash(conv.messages)
 
     def spans(found: list[Span]) -> list[dict[str, Any]]:
@@ -249,7 +250,7 @@ class LabelRun:
             point = point_at(conv.messages, turn, limit=None)
             labels = rules_labels(point)
             found.append(labels)
-            lines.append(_labelled(self.job, conv, turn, point, labels, self._prov, None))
+            lines.append(labelled_line(self.job, conv, turn, point, labels, self._prov, None))
         self.output.finish(conv.index, lines, [], _counts(found))
 
     async def run(self) -> LabelSummary:
@@ -351,7 +352,7 @@ class LabelRun:
                     confidence = 0.0  # one sample failed: nothing to agree with
                 found.append(answers[0])
                 lines.append(
-                    _labelled(self.job, conv, turn, point, answers[0], self._prov, confidence)
+                    labelled_line(self.job, conv, turn, point, answers[0], self._prov, confidence)
                 )
         except EngineError as exc:
             if self.fatal is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,42 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+class RateLimit(logging.Filter):
+    """At most ``burst`` warnings per message template and logger every ``window_s``.
+
+    Records below WARNING (the daemon's events: ready, shard closed, status) all pass.
+    A failure that repeats per request (a full disk, a dead server) logs a few lines, then
+    one line per window saying how many like it were dropped — never megabytes a minute.
+    """
+
+    def __init__(self, burst: int = 5, window_s: float = 60.0, max_keys: int = 4096) -> None:
+        super().__init__()
+        self.burst = burst
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._seen: dict[tuple[str, str], list[float]] = {}  # key: [window start, n, dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        state = self._seen.get(key)
+        if state is None or now - state[0] >= self.window_s:
+            dropped = int(state[2]) if state is not None else 0
+            if len(self._seen) >= self.max_keys:
+                self._seen.clear()  # bounded memory, whatever the messages
+            self._seen[key] = [now, 1, 0]
+            if dropped:
+                record.msg = f"{record.msg} ({dropped} like it suppressed)"
+            return True
+        state[1] += 1
+        if state[1] <= self.burst:
+            return True
+        state[2] += 1
+        return False
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -65,6 +102,11 @@ def setup_logging(fmt: str = "text", level: str = "info", path: Path | None = No
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RateLimit())
+    # aiohttp's server logs an error per bad connection: a flood must not fill the disk.
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, RateLimit) for f in server_log.filters):
+        server_log.addFilter(RateLimit())
     root.addHandler(handler)
     root.setLevel(level.upper())
     root.propagate = False

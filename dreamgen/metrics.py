@@ -2,9 +2,10 @@
 
 ``/healthz`` answers 200 while the process serves at all; ``/readyz`` 200 only when the
 engine is reachable and the store writable (503 with the reason otherwise); ``/metrics``
-is Prometheus text from ``prometheus-client``. Counters are per process (they restart at
-zero with the daemon, as Prometheus expects); ``dreamgen_store_records`` is the durable
-total in the output folder.
+is Prometheus text from ``prometheus-client``. The server caps its connections and
+closes idle ones (``httpguard``): a flood of sockets cannot exhaust the daemon. Counters
+are per process (they restart at zero with the daemon, as Prometheus expects);
+``dreamgen_store_records`` is the durable total in the output folder.
 
 Most values are read from the run at scrape time (one source of truth, nothing to keep
 in step); the latency histogram and the reload counter are recorded as they happen.
@@ -22,6 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client import generate_latest as render
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from dreamgen.httpguard import GuardedServer
 
 if TYPE_CHECKING:
     from dreamgen.engines import Engine
@@ -178,22 +181,28 @@ class _RunCollector(Collector):
 class MetricsServer:
     """aiohttp server for /healthz, /readyz and /metrics, in the daemon's event loop."""
 
-    def __init__(self, metrics: Metrics, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        max_connections: int = 64,
+        idle_s: float = 10.0,
+    ) -> None:
         self.metrics = metrics
         self.host = host
         self.port = port
-        self._runner: web.AppRunner | None = None
+        self.max_connections = max_connections
+        self.idle_s = idle_s
+        self.server: GuardedServer | None = None
+        self._runner: web.ServerRunner | None = None
 
     async def start(self) -> None:
-        app = web.Application()
-        app.add_routes(
-            [
-                web.get("/healthz", self._healthz),
-                web.get("/readyz", self._readyz),
-                web.get("/metrics", self._metrics),
-            ]
+        self.server = GuardedServer(
+            self._dispatch, max_connections=self.max_connections, idle_s=self.idle_s
         )
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        self._runner = web.ServerRunner(self.server, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
@@ -204,15 +213,24 @@ class MetricsServer:
             await self._runner.cleanup()
             self._runner = None
 
-    async def _healthz(self, request: web.Request) -> web.Response:
+    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        route = {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._metrics}
+        handler = route.get(request.path)
+        if handler is None:
+            return web.Response(status=404, text="not found\n")
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, text="method not allowed\n")
+        return await handler(request)
+
+    async def _healthz(self, request: web.BaseRequest) -> web.Response:
         return web.Response(text="ok\n")
 
-    async def _readyz(self, request: web.Request) -> web.Response:
+    async def _readyz(self, request: web.BaseRequest) -> web.Response:
         ready, reason = self.metrics.ready()
         if ready:
             return web.Response(text="ready\n")
         return web.Response(status=503, text=f"not ready: {reason}\n")
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: web.BaseRequest) -> web.Response:
         body = self.metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -18,7 +18,7 @@ from typing import Any
 
 from dreamgen.breaker import YieldBreaker, YieldError
 from dreamgen.cards import CardSet
-from dreamgen.config import Config
+from dreamgen.config import Config, ConfigError
 from dreamgen.copies import CopyIndex
 from dreamgen.dedup import Dedup, conversation_text, exact_key, load_heldout
 from dreamgen.diskio import disk_error
@@ -119,6 +119,10 @@ class Run:
         self.on_progress = on_progress
         self.hold = hold  # backpressure: while it returns True, no new requests are issued
         self.cards = CardSet.load(config.prompts)
+        try:  # before the store: a plan that admits no request must not touch OUT
+            self.planner = Planner(self.cards, config.plan, config.count)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         self.store = Store(
             config.out,
             config=config.data_config(),
@@ -138,7 +142,6 @@ class Run:
         )
         if config.dedup.decontaminate is not None:
             self.dedup.add_contaminants(load_heldout(config.dedup.decontaminate))
-        self.planner = Planner(self.cards, config.plan, config.count)
         self.chain = self._chain(config)
         self.summary = Summary(target=config.count)
         self._restore()
@@ -150,6 +153,7 @@ class Run:
         # Daemon: why the store refuses writes (a full disk); no requests are issued
         # and the flusher retries with backoff until a real append works again.
         self.store_blocked: str | None = None
+        self._store_failures = 0
         self.engine: Engine | None = None
         self.gate: Gate | None = None
         self._fixed_limit = config.concurrency
@@ -402,7 +406,7 @@ class Run:
         try:
             completion = await engine.chat(
                 request.messages,
-                response_format=response_format(request.schema_name),
+                response_format=response_format(request.schema_name, engine.schema_dialect),
                 sampling=sampling,
             )
         except EngineError as exc:
@@ -521,9 +525,10 @@ class Run:
                 await self._pause(backoff)
                 backoff = min(30.0, backoff * 2)
                 if not self.store.probe():  # a real append: a flush of nothing proves nothing
-                    self.store_blocked = None
+                    failures = self._store_failures
                     self._flush()
-                    if self.store_blocked is None:
+                    if self._store_failures == failures:
+                        self.store_blocked = None
                         log.warning("the store is writable again: resuming")
                         backoff = 1.0
                 continue
@@ -551,6 +556,7 @@ class Run:
     def _store_failed(self, exc: Exception, final: bool = False) -> None:
         """The disk refused a write: a build stops (one line); a daemon pauses and retries."""
         err = disk_error("writing the dedup index", exc) if isinstance(exc, OSError) else exc
+        self._store_failures += 1
         if self.tolerate_outages and not final:
             if self.store_blocked is None:
                 log.error("store not writable, pausing until it is: %s", err)

@@ -143,7 +143,7 @@ class Progress:
         target = run.config.count
         rate = self.rate.rate()
         eta: float | None = None
-        if target is not None and state != "done":
+        if target is not None and state != "done" and not run.stop_event.is_set():
             left = max(0, target - s.total)
             eta = 0.0 if left == 0 else (left / rate if rate > 0 else None)
         return Snapshot(
@@ -201,7 +201,8 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self._finished = True
-        self.render(self.snapshot())  # the last word: state done, the clock stopped
+        if self.run.engine is not None:  # a run that never started has no progress to end
+            self.render(self.snapshot())  # the last word: state done, the clock stopped
         self.bar.stop()
 
 

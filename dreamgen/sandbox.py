@@ -224,8 +224,8 @@ class CardSandbox(ImmutableSandboxedEnvironment):
             return self.undefined(
                 hint=f"no field {attribute!r} (fields: {', '.join(map(str, obj))[:200]})"
             )
-        if isinstance(obj, Undefined):
-            return super().getattr(obj, attribute)
+        if isinstance(obj, Undefined):  # a missing field's fields: still that missing field
+            return obj
         if isinstance(obj, LoopContext) and attribute in LOOP_FIELDS:
             return getattr(obj, attribute)
         if isinstance(obj, TemplateModule) and not attribute.startswith("_"):
@@ -243,7 +243,7 @@ class CardSandbox(ImmutableSandboxedEnvironment):
                 return obj[argument]
             return self.undefined(obj=obj, name=str(argument))
         if isinstance(obj, Undefined):
-            return super().getitem(obj, argument)
+            return obj
         if isinstance(obj, (list, tuple, str, range)):
             if isinstance(argument, int) and not isinstance(argument, bool):
                 try:

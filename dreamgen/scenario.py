@@ -12,7 +12,7 @@ cannot run away.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -101,19 +101,44 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 }
 
 
-def response_format(name: str) -> dict[str, Any]:
+Dialect = Literal["bounded", "unbounded"]
+# String bounds that make a grammar engine count characters. vLLM's xgrammar decodes far
+# slower with them (xgrammar #852; measured in bench/xgrammar_schemas.py), so vLLM gets the
+# schema without them and the bounds are enforced after, by pydantic (and by max_tokens);
+# llama.cpp keeps them: the 135M model rambles without a hard stop.
+_LENGTH_KEYS = ("maxLength", "minLength")
+
+
+def _unbounded(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _unbounded(v) for k, v in node.items() if k not in _LENGTH_KEYS}
+    if isinstance(node, list):
+        return [_unbounded(v) for v in node]
+    return node
+
+
+def schema_for(name: str, dialect: Dialect = "bounded") -> dict[str, Any]:
+    """The JSON Schema of a model-facing schema in one rendering (one source, two forms)."""
+    schema = SCHEMAS[name].model_json_schema()
+    return schema if dialect == "bounded" else _unbounded(schema)
+
+
+def response_format(name: str, dialect: Dialect = "bounded") -> dict[str, Any]:
     """The OpenAI ``response_format`` for one of the fixed model-facing schemas.
 
-    Built once per schema and reused for every request: vLLM and llama.cpp cache the
-    compiled grammar per schema, and a new schema per request stalls the engine.
+    Built once per schema and dialect and reused for every request: vLLM and llama.cpp
+    cache the compiled grammar per schema, and a new schema per request stalls the engine.
     """
-    return _RESPONSE_FORMATS[name]
+    return _RESPONSE_FORMATS[dialect][name]
 
 
-_RESPONSE_FORMATS: dict[str, dict[str, Any]] = {
-    name: {
-        "type": "json_schema",
-        "json_schema": {"name": name, "strict": True, "schema": model.model_json_schema()},
+_RESPONSE_FORMATS: dict[str, dict[str, dict[str, Any]]] = {
+    dialect: {
+        name: {
+            "type": "json_schema",
+            "json_schema": {"name": name, "strict": True, "schema": schema_for(name, dialect)},
+        }
+        for name in SCHEMAS
     }
-    for name, model in SCHEMAS.items()
+    for dialect in ("bounded", "unbounded")
 }

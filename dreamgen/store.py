@@ -462,8 +462,6 @@ class Store:
 
     def probe(self) -> str:
         """A real append in OUT (bytes, fsync): "" if it works, else why not (readiness)."""
-        if self.failure is not None:
-            return f"store not writable: {self.failure}"
         return probe_write(self.out)
 
     def close(self, **extra: Any) -> None:

@@ -55,11 +55,11 @@ TEMPLATE_ATTACKS: dict[str, tuple[str, str]] = {
     "card-class": ("{{{{ card.__class__.__init__.__globals__ }}}}", "no field '__class__'"),
     "cycler": (
         "{{{{ cycler.__init__.__globals__.os.system('{shell}') }}}}",
-        "'cycler' is undefined",
+        "variable 'cycler'",
     ),
-    "lipsum": ("{{{{ lipsum.__globals__['os'].system('{shell}') }}}}", "'lipsum' is undefined"),
-    "joiner": ("{{{{ joiner.__init__.__globals__ }}}}", "'joiner' is undefined"),
-    "namespace": ("{{% set ns = namespace(x=1) %}}{{{{ ns }}}}", "'namespace' is undefined"),
+    "lipsum": ("{{{{ lipsum.__globals__['os'].system('{shell}') }}}}", "variable 'lipsum'"),
+    "joiner": ("{{{{ joiner.__init__.__globals__ }}}}", "variable 'joiner'"),
+    "namespace": ("{{% set ns = namespace(x=1) %}}{{{{ ns }}}}", "variable 'namespace'"),
     "attr-filter": ("{{{{ card|attr('parse_raw') }}}}", "No filter named 'attr'"),
     "str-format": ("{{{{ '{{0.__class__}}'.format(card) }}}}", "not allowed"),
     "format-pad": ("{{{{ '{{:>999999999}}'.format(1) }}}}", "not allowed"),
@@ -90,12 +90,17 @@ TEMPLATE_ATTACKS: dict[str, tuple[str, str]] = {
         "limit",
     ),
     "repeat": ("{{{{ 'a' * 10**9 }}}}", "limit"),
-    "power": ("{{{{ 2 ** 10**8 }}}}", "too large"),
+    "power": ("{{{{ 2 ** (10**8) }}}}", "too large"),
     "center": ("{{{{ 'x'|center(1000000000) }}}}", "|center"),
     "replace": ("{{{{ card.situation|replace('', card.situation * 3000) }}}}", "limit"),
     "slice": ("{{{{ [1]|slice(10**9)|list }}}}", "|slice"),
     "output": (
         "{{% for i in range(1000) %}}{{{{ card.situation * 1000 }}}}{{% endfor %}}",
+        "rendered text is over",
+    ),
+    "set-block": (
+        "{{% set x %}}{{% for i in range(1000) %}}{{{{ card.situation * 200 }}}}{{% endfor %}}"
+        "{{% endset %}}{{{{ x|length }}}}",
         "too much text",
     ),
     "self-include": ("{{% include '{template}' %}}", "includes itself"),
@@ -267,6 +272,11 @@ def test_a_card_set_that_skipped_the_check_still_renders_sandboxed(tmp_path: Pat
     with pytest.raises(CardError) as info:
         cards.render("attack-pickle.j2", card=card)
     assert "\n" not in str(info.value) and "no field 'parse_raw'" in str(info.value)
+    # Jinja's default globals are gone from the environment, not only flagged by the lint.
+    for name in ("cycler", "lipsum", "joiner", "namespace", "dict"):
+        (lib / "templates" / f"g-{name}.j2").write_text(f"{{{{ {name}() }}}}")
+        with pytest.raises(CardError, match=f"'{name}' is undefined"):
+            cards.render(f"g-{name}.j2")
     assert not marker.exists()
 
 

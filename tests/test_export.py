@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dreamgen.cli import app
-from dreamgen.export import FORMATS, ExportError, export
+from dreamgen.export import ExportError, export
 from dreamgen.record import Record
 from dreamgen.store import Store
 from tests.conftest import make_record
@@ -120,7 +120,10 @@ def test_each_format_loads_with_datasets(source: Path, tmp_path: Path, fmt: str)
                 assert row["prompt"][-1] == {"role": "user", "content": rec.messages[-1].content}
                 assert row["completion"] == [{"role": "assistant", "content": rec.target.content}]
             if fmt == "sharegpt":
-                assert row["conversations"][-1] == {"from": "gpt", "value": rec.target.content}
+                assert row["conversations"][-1] == {
+                    "from": "gpt", "value": rec.target.content, "train": True,
+                }  # fmt: skip
+                assert not any(t["train"] for t in row["conversations"][:-1])
                 assert [t["from"] for t in row["conversations"]] == [
                     "system", "human", "gpt", "human", "gpt",
                 ]  # fmt: skip
@@ -190,7 +193,9 @@ def test_refusals(source: Path, tmp_path: Path) -> None:
 
 def test_cli_errors_are_one_line(source: Path, tmp_path: Path) -> None:
     runner = CliRunner()
-    res = runner.invoke(app, ["export", str(source), "--format", "csv", "--to", str(tmp_path / "a")])
+    res = runner.invoke(
+        app, ["export", str(source), "--format", "csv", "--to", str(tmp_path / "a")]
+    )
     assert res.exit_code == 2
     assert res.output.strip().startswith("error: unknown format 'csv'")
     assert len(res.output.strip().splitlines()) == 1
@@ -269,7 +274,9 @@ def test_trl_sft_trains_on_the_target(smollm2, source: Path, tmp_path: Path) -> 
         learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1,
         max_length=256, use_cpu=True, dataloader_num_workers=0,
     )  # fmt: skip
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds["train"], processing_class=tokenizer)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=ds["train"], processing_class=tokenizer
+    )
     row = trainer.train_dataset[0]
     # The loss is on the completion: its tokens are masked in, and the target's text is
     # exactly what they decode to (the context is never a training target).
@@ -300,7 +307,9 @@ def test_trl_dpo_runs_on_the_export(smollm2, source: Path, tmp_path: Path) -> No
         learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1,
         max_length=256, use_cpu=True, dataloader_num_workers=0,
     )  # fmt: skip
-    trainer = DPOTrainer(model=model, args=args, train_dataset=ds["train"], processing_class=tokenizer)
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=ds["train"], processing_class=tokenizer
+    )
     out = trainer.train()
     assert out.global_step == 2
     logs = [h for h in trainer.state.log_history if "loss" in h]

@@ -216,7 +216,7 @@ def test_unreachable_judge_server_is_one_error_line(tmp_path: Path, sim: SimProc
     config = toml(tmp_path / "c.toml", {**LAX, "server": "http://127.0.0.1:9", "model": "j"})
     proc = dreamgen(
         "build", "--server", sim.url, "--model", sim.model, "--judge",
-        "--config", str(config), "--out", str(tmp_path / "o"), "--count", "3",
+        "--config", str(config), "--out", str(tmp_path / "o"), "--count", "3", "--quiet",
     )  # fmt: skip
     line = one_error_line(proc)
     assert line.startswith("error: judge:") and "cannot reach http://127.0.0.1:9" in line
@@ -241,7 +241,7 @@ def test_judge_eval_calibrates_and_a_judge_below_the_floor_is_refused(tmp_path: 
         config = toml(tmp_path / "c.toml", {"calibration": str(cal), "floor": 0.7})
         args = ["--server", biased.url, "--model", biased.model, "--config", str(config)]
         out = tmp_path / "o"
-        proc = dreamgen("build", *args, "--judge", "--out", str(out), "--count", "2")
+        proc = dreamgen("build", *args, "--judge", "--out", str(out), "--count", "2", "--quiet")
         line = one_error_line(proc)
         assert "refused for filtering" in line and "0.500" in line
         assert not out.exists()  # refused before the output folder was touched

@@ -128,8 +128,10 @@ def test_bad_lines_are_named_and_the_rest_is_labelled(tmp_path: Path) -> None:
 
 def test_resume_after_sigkill_with_the_real_model(tmp_path: Path) -> None:
     n = 8
-    rows = [{"messages": chat(f"Step {i} failed.", "I could rewrite it all.", f"Only fix step {i}.")}
-            for i in range(n)]  # fmt: skip
+    turns = [
+        (f"Step {i} failed.", "I could rewrite it all.", f"Only fix step {i}.") for i in range(n)
+    ]
+    rows = [{"messages": chat(*t)} for t in turns]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     # One request in flight: conversations finish in input order, so none is ever "ahead".

@@ -23,7 +23,7 @@ from tests.fake_vllm import SimProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = ("--fault", "error_503=0.15", "--fault", "rate_limit=0.05", "--retry-after", "0.1")
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def _build_cmd(sim: SimProcess, out: Path, *extra: str) -> list[str]:
@@ -60,7 +60,7 @@ def test_log_lines_when_stderr_is_not_a_terminal(sim: SimProcess, tmp_path: Path
             if int(f["total"]) >= 3 and int(f["server_errors"]) >= 1:
                 break
     proc.send_signal(signal.SIGINT)
-    rest, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     lines += err.splitlines()
     assert proc.returncode == 130, err
     progress = [_fields(x) for x in lines if " progress " in x]
@@ -110,7 +110,7 @@ def test_live_bar_on_a_terminal(sim: SimProcess, tmp_path: Path) -> None:
             if not chunk:
                 break
             seen += chunk
-        text = ANSI.sub("\n", seen)
+        text = ANSI.sub("", seen).replace("\r", "\n")
         if not signalled and re.search(r"running .* [1-9]\d*/1000", text):
             proc.send_signal(signal.SIGINT)
             signalled = True
@@ -118,7 +118,7 @@ def test_live_bar_on_a_terminal(sim: SimProcess, tmp_path: Path) -> None:
             break
     os.close(master)
     proc.wait(timeout=60)
-    text = ANSI.sub("\n", seen)
+    text = ANSI.sub("", seen).replace("\r", "\n")
     assert signalled and proc.returncode == 130, text[-2000:]
     for field in ("retries", "server errors", "in flight", "tok/s", "ETA"):
         assert field in text

@@ -42,3 +42,33 @@ def test_record_round_trip(scenario: Scenario, cards) -> None:  # type: ignore[n
     record = label(scenario, request)
     line = orjson.dumps(record.model_dump(mode="json"))
     assert Record.model_validate_json(line) == record
+
+
+def test_one_schema_source_two_renderings() -> None:
+    """vLLM gets the schema without string lengths; llama.cpp keeps them; nothing else
+    differs, and pydantic still enforces the bounds on what comes back."""
+    import orjson
+    import pytest
+    from pydantic import ValidationError
+
+    from dreamgen.engines.base import Engine
+    from dreamgen.engines.offline import OfflineEngine
+    from dreamgen.scenario import SCHEMAS, schema_for
+
+    def strip(node: object) -> object:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in ("maxLength", "minLength")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    for name, model in SCHEMAS.items():
+        bounded, unbounded = schema_for(name, "bounded"), schema_for(name, "unbounded")
+        assert b"maxLength" in orjson.dumps(bounded)
+        assert b"maxLength" not in orjson.dumps(unbounded)
+        assert b"maxItems" in orjson.dumps(unbounded)  # list bounds stay: they are cheap
+        assert unbounded == strip(bounded) and bounded == model.model_json_schema()
+    assert Engine.schema_dialect == "bounded" and OfflineEngine.schema_dialect == "unbounded"
+    too_long = {"opening": "x" * 5000}
+    with pytest.raises(ValidationError):
+        SCHEMAS["scenario"].model_validate(too_long)

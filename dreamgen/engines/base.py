@@ -14,6 +14,8 @@ import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
+from dreamgen.scenario import Dialect
+
 if TYPE_CHECKING:
     from dreamgen.engines.launcher import Launcher
     from dreamgen.engines.limits import Gate
@@ -63,6 +65,10 @@ class Engine(abc.ABC):
     down_since: float | None = None
     # Times the engine went from ready to not ready.
     outages: int = 0
+    # How the model-facing schemas are rendered for this engine's grammar engine
+    # (``dreamgen.scenario.schema_for``): llama.cpp's small model needs string bounds;
+    # vLLM's xgrammar decodes ~1.5-2x slower with them (bench/xgrammar_schemas.py).
+    schema_dialect: Dialect = "bounded"
 
     @property
     def ready(self) -> bool:

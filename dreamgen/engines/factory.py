@@ -110,6 +110,7 @@ async def _open_openai(
             health_interval_s=serving.health_interval_s,
             backoff_max_s=serving.outage_backoff_max_s,
             guided=serving.guided_decoding,
+            schema_dialect=serving.schema_dialect,
             launcher=launcher,
             max_response_bytes=serving.max_response_bytes,
         )

@@ -56,6 +56,7 @@ class OfflineEngine(Engine):
     """``vllm.LLM`` behind the pipeline's engine interface, batching the in-flight window."""
 
     name = "vllm-offline"
+    schema_dialect = "unbounded"  # vLLM's xgrammar: bounds enforced after, by pydantic
     ready: bool = False  # True between start and close
 
     def __init__(self, config: Config, *, batch_wait_s: float = 0.05) -> None:

@@ -47,6 +47,7 @@ from dreamgen.engines.client import OpenAIClient, _describe
 from dreamgen.engines.launcher import Launcher
 from dreamgen.engines.limits import AdaptiveLimiter, Gate, ServerLoad, parse_metrics
 from dreamgen.logs import event
+from dreamgen.scenario import Dialect
 
 # The log name predates this package; log queries match on it.
 log = logging.getLogger("dreamgen.vllm")
@@ -107,6 +108,7 @@ class ServerEngine(Engine):
         health_interval_s: float = 2.0,
         backoff_max_s: float = 30.0,
         guided: str = "response_format",
+        schema_dialect: Dialect = "bounded",
         launcher: Launcher | None = None,
         max_response_bytes: int | None = None,
     ) -> None:
@@ -118,6 +120,7 @@ class ServerEngine(Engine):
         self.health_interval_s = health_interval_s
         self.backoff_max_s = max(backoff_max_s, health_interval_s)
         self.guided = guided
+        self.schema_dialect = schema_dialect
         self.launcher = launcher
         ceiling = min(concurrency, hard_cap) if hard_cap else concurrency
         adapt = adapt if adapt is not None else AdaptConfig()
