@@ -198,6 +198,13 @@ def build(
     judge: Annotated[
         bool | None, typer.Option("--judge/--no-judge", help="the LLM judge stage ([judge])")
     ] = None,
+    executor: Annotated[
+        str | None, typer.Option(help="local | ray: generation in Ray worker actors")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster: auto | HOST:PORT (default: start one)")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray worker actors")] = None,
 ) -> None:
     """Build a dataset (resumable: COUNT is a target for the whole OUT)."""
     lo, hi = _difficulty(difficulty)
@@ -219,6 +226,9 @@ def build(
             "plan.difficulty_max": hi,
             "plan.schedule": schedule,
             "judge.enabled": judge,
+            "executor.kind": executor,
+            "executor.ray_address": ray_address,
+            "executor.workers": workers,
         },
     )
     summary = run_with_progress(

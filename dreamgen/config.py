@@ -177,6 +177,23 @@ class DaemonConfig(_Section):
     log_file: Path | None = Field(None, description="default: stderr")
 
 
+class ExecutorConfig(_Section):
+    """Where generation runs: in this process (``local``) or in Ray worker actors (``ray``)."""
+
+    kind: Literal["local", "ray"] = Field("local", description="local | ray")
+    ray_address: str | None = Field(
+        None, description="'auto', HOST:PORT of a running cluster, or unset: start one here"
+    )
+    workers: Annotated[int, Field(ge=1, le=4096)] = Field(2, description="worker actors")
+    worker_cpus: Annotated[float, Field(ge=0, le=1024)] = 1.0
+    worker_gpus: Annotated[float, Field(ge=0, le=64)] = Field(
+        0.0, description="per worker: 1 for engine = 'vllm-offline' on a GPU node"
+    )
+    poison_attempts: Annotated[int, Field(ge=1, le=100)] = Field(
+        3, description="worker deaths one request may cause before it is rejected"
+    )
+
+
 class OfflineConfig(_Section):
     """``engine = "vllm-offline"``: keyword arguments of ``vllm.LLM``."""
 
@@ -243,6 +260,7 @@ class Config(_Section):
     serving: ServingConfig = ServingConfig()
     daemon: DaemonConfig = DaemonConfig()
     offline: OfflineConfig = OfflineConfig()
+    executor: ExecutorConfig = ExecutorConfig()
     judge: JudgeConfig = JudgeConfig()
     breaker: BreakerConfig = BreakerConfig()
     splits: dict[Literal["train", "eval", "probe"], Annotated[float, Field(ge=0, le=1)]] = {

@@ -2,9 +2,10 @@
 
 The core install (``pip install dreamgen``) builds, validates, views and exports JSONL.
 Training, probing, plots, ``--format hf`` and ``--push-to-hub`` need the ``train`` extra;
-``engine = "vllm-offline"`` needs ``vllm``; APOLLO needs ``apollo``. The CLI maps a
-``ModuleNotFoundError`` for any of these modules, wherever it is raised, to
-``error: ... pip install 'dreamgen[EXTRA]'`` instead of a traceback.
+``engine = "vllm-offline"`` needs ``vllm``; ``--executor ray`` needs ``ray``; APOLLO
+needs ``apollo``. The CLI maps a ``ModuleNotFoundError`` for any of these modules,
+wherever it is raised, to ``error: ... pip install 'dreamgen[EXTRA]'`` instead of a
+traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ EXTRA_OF: dict[str, str] = {
     "safetensors": "train",
     "peft": "train",
     "vllm": "vllm",
+    "ray": "ray",
     "apollo_torch": "apollo",
 }
 

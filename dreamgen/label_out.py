@@ -85,6 +85,9 @@ class LabelOutput:
             self.totals.update(state.get("totals", {}))
             self.rejected.update(state.get("rejected", {}))
             sizes = {name: int(state["bytes"][name]) for name in sizes}
+        elif any((self.out / name).exists() and (self.out / name).stat().st_size for name in sizes):
+            # Never truncate a file this folder's checkpoint does not vouch for.
+            raise StoreError(f"{self.out} holds labelled output but no {STATE}: use a new --out")
         for name, size in sizes.items():
             path = self.out / name
             have = path.stat().st_size if path.exists() else 0

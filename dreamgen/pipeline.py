@@ -313,7 +313,7 @@ class Run:
                 self.rejects.flush(force=True)
                 self.timeseries.maybe_append(self.summary.as_dict(), force=True)
             except OSError as exc:  # a full disk: side files only; the store decides below
-                log.warning("cannot write the run's side files: %s", exc)
+                log.info("cannot write the run's side files: %s", exc)
             try:
                 self.store.close(**self._manifest_extra())
             except StoreError as exc:  # a full disk at the end: what was reported is durable
@@ -538,7 +538,7 @@ class Run:
                 self.rejects.flush()
                 self.timeseries.maybe_append(self.summary.as_dict())
             except OSError as exc:  # side files: the store's own writes decide what stops
-                log.warning("cannot write the run's side files: %s", exc)
+                log.info("cannot write the run's side files: %s", exc)
             now = time.monotonic()
             if self.store.rotations != rotations or now - last_manifest > 30:
                 try:

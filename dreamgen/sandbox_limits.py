@@ -53,8 +53,8 @@ def plain(value: Any, path: str = "context") -> Any:
     Models are dumped to JSON-mode dicts and enums become their values, so a template never
     holds an object with methods. Anything else is a programming error: TypeError.
     """
-    if isinstance(value, BaseModel):
-        return plain(value.model_dump(mode="json"), path)
+    if isinstance(value, BaseModel):  # JSON mode yields only dicts, lists and scalars
+        return value.model_dump(mode="json")
     if isinstance(value, Enum):
         return plain(value.value, path)
     if value is None or type(value) in (bool, int, float, str):

@@ -133,10 +133,12 @@ def stray_files(out: Path) -> list[Path]:
     folder = Path(out, SHARDS)
     if not folder.is_dir():
         return []
+    # By name only: a writer renames ``.open`` shards while we look.
+    names = (_CLOSED, _OPEN)
     return sorted(
         p
         for p in folder.iterdir()
-        if not (is_closed_shard(p) or is_open_shard(p) or p.name.startswith("."))
+        if not (any(n.fullmatch(p.name) for n in names) or p.name.startswith("."))
     )
 
 

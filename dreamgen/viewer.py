@@ -16,7 +16,6 @@ import contextlib
 import ipaddress
 import signal
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
@@ -34,7 +33,7 @@ from dreamgen.taxonomy import CueKind, DistractorKind, Domain, Emotion, Momentum
 from dreamgen.viewindex import ViewIndex, default_cache
 
 PAGE_SIZE = 50
-MATCH_CAP = 10_000  # counts beyond this show as "10000+": exact counts of 1M cost too much
+MATCH_CAP = 1000  # counts beyond this show as "1000+": exact counts of 1M cost too much
 
 
 class ViewerError(Exception):
@@ -69,8 +68,6 @@ class Viewer:
     def __init__(self, out: Path, index: ViewIndex) -> None:
         self.out = out
         self.index = index
-        self._distinct: dict[str, list[Any]] = {}
-        self._distinct_at = (-1, 0.0)  # (records, monotonic time) when last computed
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -107,11 +104,7 @@ class Viewer:
         return notes
 
     def choices(self) -> dict[str, list[Any]]:
-        n = self.index.status.records
-        if n != self._distinct_at[0] and time.monotonic() - self._distinct_at[1] > 5:
-            # DISTINCT scans the table: recompute only when records arrived, at most every 5 s
-            self._distinct = {c: self.index.distinct(c) for c in ("card", "generation")}
-            self._distinct_at = (n, time.monotonic())
+        values = self.index.status.values
         return {
             "cue_kind": [k.value for k in CueKind],
             "distractor_kind": [k.value for k in DistractorKind],
@@ -121,7 +114,8 @@ class Viewer:
             "difficulty": [1, 2, 3, 4, 5],
             "mode": list(get_args(Mode)),
             "split": list(get_args(Split)),
-            **self._distinct,
+            "card": values.get("card", []),
+            "generation": values.get("generation", []),
         }
 
     async def records(self, request: web.Request) -> web.Response:
@@ -144,7 +138,7 @@ class Viewer:
         status, building = self.status_text()
         html = viewpages.list_page(
             choices=self.choices(),
-            judge_fields=self.index.judge_fields(),
+            judge_fields=self.index.status.values.get("judge", []),
             params=params,
             rows=rows,
             matches=matches,

@@ -95,6 +95,9 @@ class Status:
     error: str = ""
     first_pass_s: float | None = None
     started: float = field(default_factory=time.monotonic)
+    # values present, for the filter menus: card, generation, judge (score names); kept
+    # while indexing because DISTINCT over a million rows costs a page load a second
+    values: dict[str, list[Any]] = field(default_factory=dict)
 
 
 class ViewIndex:
@@ -197,8 +200,13 @@ class ViewIndex:
             self.status.rebuilt = f"{changed[0]} changed or vanished since it was indexed"
             for table in ("shards", "records", "problems", "fts"):
                 db.execute(f"DELETE FROM {table}")
+            db.execute("DELETE FROM meta WHERE key = 'values'")
             db.commit()
             known = {}
+            self.status.values = {}
+        if not self.status.values:
+            row = db.execute("SELECT value FROM meta WHERE key = 'values'").fetchone()
+            self.status.values = orjson.loads(row[0]) if row else {}
         todo = sorted((n for n in on_disk if n not in known), key=shard_index)
         self.status.shards_seen = len(on_disk)
         self.status.shards_indexed = len(known)
@@ -234,6 +242,12 @@ class ViewIndex:
                 continue
             rows.append((next_rid + len(rows), row[0], name, n, start, len(line), *row[1:]))
             texts.append(text)
+        values = {k: set(v) for k, v in self.status.values.items()}
+        for col, at in (("card", 14), ("generation", 15)):
+            values.setdefault(col, set()).update(r[at] for r in rows if r[at] is not None)
+        judged = {k for r in rows if r[20] for k in orjson.loads(r[20])}
+        values.setdefault("judge", set()).update(judged)
+        merged = {k: sorted(v) for k, v in values.items()}
         with db:
             db.executemany(f"INSERT INTO records VALUES ({','.join('?' * 22)})", rows)
             db.executemany(
@@ -245,6 +259,10 @@ class ViewIndex:
                 "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?)",
                 (name, size, mtime, len(rows), time.time()),
             )
+            db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('values', ?)", (orjson.dumps(merged).decode(),)
+            )
+        self.status.values = merged  # replaced whole: the pages' thread never sees it half-made
         return len(rows)
 
     # -- reading -----------------------------------------------------------------------
@@ -259,20 +277,6 @@ class ViewIndex:
             self.reader.execute("SELECT shard, line, message FROM problems LIMIT ?", (limit,))
         )
 
-    def distinct(self, column: str, limit: int = 200) -> list[Any]:
-        """Values present in one filter column (for cards and generations)."""
-        if column not in FILTERS:
-            raise ValueError(column)
-        sql = f"SELECT DISTINCT {column} FROM records ORDER BY 1 LIMIT ?"
-        return [v for (v,) in self.reader.execute(sql, (limit,)) if v is not None]
-
-    def judge_fields(self) -> list[str]:
-        """The judge score names present (from one judged record: a run has one judge)."""
-        row = self.reader.execute(
-            "SELECT judge FROM records WHERE judge IS NOT NULL LIMIT 1"
-        ).fetchone()
-        return sorted(orjson.loads(row[0])) if row else []
-
     def query(
         self,
         filters: dict[str, str],
@@ -284,19 +288,19 @@ class ViewIndex:
         limit: int = 50,
     ) -> list[sqlite3.Row]:
         """One page of matching rows (keyset paging on ``rid``: fast at any depth)."""
-        where, args = self._where(filters, text, judge)
+        source, key, where, args = self._where(filters, text, judge)
         if before:
-            where.append("rid < ?")
+            where.append(f"{key} < ?")
             args.append(before)
             order = "DESC"
         else:
-            where.append("rid > ?")
+            where.append(f"{key} > ?")
             args.append(after)
             order = "ASC"
         sql = (
             "SELECT rid, id, cue_kind, distractor_kind, domain, emotion, momentum, difficulty,"
-            " mode, split, card, generation, judge, preview FROM records"
-            f" WHERE {' AND '.join(where)} ORDER BY rid {order} LIMIT ?"
+            f" mode, split, card, generation, judge, preview FROM {source}"
+            f" WHERE {' AND '.join(where)} ORDER BY {key} {order} LIMIT ?"
         )
         self.reader.row_factory = sqlite3.Row
         try:
@@ -314,14 +318,20 @@ class ViewIndex:
         cap: int,
     ) -> int:
         """How many rows match, counted up to ``cap`` (an exact count of 1M costs too much)."""
-        where, args = self._where(filters, text, judge)
-        sql = f"SELECT count(*) FROM (SELECT 1 FROM records WHERE {' AND '.join(where)} LIMIT ?)"
+        source, _, where, args = self._where(filters, text, judge)
+        sql = f"SELECT count(*) FROM (SELECT 1 FROM {source} WHERE {' AND '.join(where)} LIMIT ?)"
         (n,) = self.reader.execute(sql, (*args, cap)).fetchone()
         return int(n)
 
     def _where(
         self, filters: dict[str, str], text: str, judge: tuple[str, float] | None
-    ) -> tuple[list[str], list[Any]]:
+    ) -> tuple[str, str, list[str], list[Any]]:
+        """FROM clause, the rowid to order by, WHERE terms and their arguments.
+
+        A search walks the full-text matches in rowid order and looks each row up by key,
+        so a page stops after ``limit`` hits instead of collecting every match first.
+        """
+        source, key = "records", "rid"
         where: list[str] = ["1"]
         args: list[Any] = []
         for key in FILTERS:
@@ -337,9 +347,10 @@ class ViewIndex:
             args += [f"$.{judge[0]}", judge[1]]
         terms = fts_terms(text)
         if terms:
-            where.append("rid IN (SELECT rowid FROM fts WHERE fts MATCH ?)")
+            source, key = "fts JOIN records ON records.rid = fts.rowid", "fts.rowid"
+            where.append("fts MATCH ?")
             args.append(terms)
-        return where, args
+        return source, key, where, args
 
     def locate(self, record_id: str) -> tuple[str, int, int] | None:
         """(shard, offset, length) of a record id, or None."""

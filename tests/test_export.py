@@ -278,11 +278,13 @@ def test_trl_sft_trains_on_the_target(smollm2, source: Path, tmp_path: Path) -> 
         model=model, args=args, train_dataset=ds["train"], processing_class=tokenizer
     )
     row = trainer.train_dataset[0]
-    # The loss is on the completion: its tokens are masked in, and the target's text is
-    # exactly what they decode to (the context is never a training target).
-    target_ids = [t for t, m in zip(row["input_ids"], row["completion_mask"], strict=True) if m]
+    # The loss is on the completion: the labels TRL built are -100 on the whole context and
+    # decode to the target (a context-only `messages` column would train on the context).
+    target_ids = [t for t in row["labels"] if t != -100]
     assert target_ids, "no completion tokens: the target would never be trained"
-    assert "here is that change and nothing else" in tokenizer.decode(target_ids)
+    decoded = tokenizer.decode(target_ids)
+    assert "here is that change and nothing else" in decoded
+    assert decoded.lstrip().startswith("Understood")  # not one context token before it
     out = trainer.train()
     assert out.global_step == 2
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -307,8 +309,11 @@ def test_trl_dpo_runs_on_the_export(smollm2, source: Path, tmp_path: Path) -> No
         learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1,
         max_length=256, use_cpu=True, dataloader_num_workers=0,
     )  # fmt: skip
+    # The reference is the starting model itself (TRL would reload it from a path, and a
+    # model dequantized from a GGUF has none it can reload).
+    ref = copy.deepcopy(model).eval()
     trainer = DPOTrainer(
-        model=model, args=args, train_dataset=ds["train"], processing_class=tokenizer
+        model=model, ref_model=ref, args=args, train_dataset=ds["train"], processing_class=tokenizer
     )
     out = trainer.train()
     assert out.global_step == 2

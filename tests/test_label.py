@@ -155,6 +155,11 @@ def test_lines_past_the_checkpoint_are_rolled_back(tmp_path: Path) -> None:
     assert (out / LABELLED).read_bytes() == b'{"a":1}\n'
     with pytest.raises(StoreError, match="another run"):
         LabelOutput(out, {"k": 2})
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / LABELLED).write_bytes(b'{"mine": 1}\n')
+    with pytest.raises(StoreError, match="no state.json"):
+        LabelOutput(tmp_path / "theirs", run)
+    assert (tmp_path / "theirs" / LABELLED).read_bytes() == b'{"mine": 1}\n'  # untouched
 
 
 def test_resume_after_sigkill_labels_every_item_exactly_once(tmp_path: Path) -> None:

@@ -300,5 +300,4 @@ def test_the_viewer_wrote_nothing_to_the_store(store: Path, viewer: str, page: A
     for path in ("", "coverage", "rejected", "?q=file&cue_kind=correction", "r/nope"):
         page.goto(viewer + path)
     assert BEFORE and snapshot(store) == BEFORE
-    assert not any(p.suffix in (".sqlite", ".db") for p in store.rglob("*"))
     assert os.listdir(store / "shards")  # sanity: the store is there

@@ -91,8 +91,10 @@ def test_fresh_venv_builds_on_the_embedded_engine(venv: Path, tmp_path: Path) ->
     module, prompts = where.stdout.split()
     assert module.startswith(str(venv)) and prompts.startswith(str(venv)), where.stdout
     assert _run([str(bin_ / "dreamgen"), "--version"], tmp_path).stdout.startswith("dreamgen ")
-    listed = _run([str(bin_ / "dreamgen"), "cards", "list"], tmp_path)
-    assert listed.returncode == 0 and "csv-parser-stdlib" in listed.stdout, listed.stderr
+    shown = _run([str(bin_ / "dreamgen"), "cards", "show", "csv-parser-stdlib"], tmp_path)
+    assert shown.returncode == 0 and "id: csv-parser-stdlib" in shown.stdout, shown.stderr
+    checked = _run([str(bin_ / "dreamgen"), "cards", "check"], tmp_path)
+    assert checked.returncode == 0 and "20 cards OK" in checked.stdout, checked.stdout
     init = _run([str(bin_ / "dreamgen"), "cards", "init", "mycards"], tmp_path)
     assert init.returncode == 0, init.stderr
     assert len(list((tmp_path / "mycards").glob("*.yaml"))) >= 20

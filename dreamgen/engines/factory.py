@@ -35,7 +35,8 @@ async def open_engine(
     server that is down or still loading (the daemon) instead of failing with one clear
     line (a build). ``on_engine`` sees the engine before it is ready (for /readyz).
     """
-    async with OPENERS[config.engine](config, wait, on_engine) as opened:
+    opener = _open_ray if config.executor.kind == "ray" else OPENERS[config.engine]
+    async with opener(config, wait, on_engine) as opened:
         yield opened
 
 
@@ -137,6 +138,24 @@ async def _started(
         await engine.close()
         raise
     try:
+        yield engine, engine.limit
+    finally:
+        await engine.close()
+
+
+@contextlib.asynccontextmanager
+async def _open_ray(
+    config: Config, wait: bool, on_engine: OnEngine
+) -> AsyncIterator[tuple[Engine, int]]:
+    # The configured engine runs in Ray worker actors; each worker opens it with this
+    # factory (as a local engine), so every engine above scales out unchanged.
+    from dreamgen.engines.ray_executor import RayEngine
+
+    engine = RayEngine(config)
+    if on_engine is not None:
+        on_engine(engine)
+    try:
+        await engine.start()
         yield engine, engine.limit
     finally:
         await engine.close()
