@@ -1217,7 +1217,46 @@ async def main_async(args: argparse.Namespace) -> int:
     print(f"\nresults: {path} ({res['elapsed_s']}s)")
     if ratio is not None:
         print(f"useful/capacity: {ratio:.3f}")
+    for name, value in goals(res).items():  # one line per goal (issue #16), for tracking
+        print(f"{name}: {value}")
     return 0
+
+
+def goals(res: dict[str, Any]) -> dict[str, str]:
+    """The tracked figures, each a ratio or per-unit cost from this run ("n/a" if absent)."""
+    out: dict[str, str] = {}
+    rows = res.get("a", {}).get("rows", [])
+    best = best_settings(rows)
+    fills = []
+    for profile in best:
+        fixed = [r["fill"] for r in rows if r["profile"] == profile and r["client"] == "dreamgen"
+                 and not r["adaptive"]]  # fmt: skip
+        adaptive = [r["fill"] for r in rows if r["profile"] == profile and r["adaptive"]]
+        if fixed and adaptive and max(fixed):
+            fills.append(adaptive[0] / max(fixed))
+    out["adaptive_fill_ratio"] = f"{min(fills):.3f}" if fills else "n/a"
+    cpu = []  # client CPU per request, dreamgen ÷ the ideal replay client, same setting
+    for r in rows:
+        if r["client"] == "dreamgen" and not r["adaptive"]:
+            for x in rows:
+                if (x["client"], x["profile"], x["concurrency"]) == (
+                    "ideal",
+                    r["profile"],
+                    r["concurrency"],
+                ) and x["cpu_ms_per_request"]:
+                    cpu.append(r["cpu_ms_per_request"] / x["cpu_ms_per_request"])
+    out["cpu_vs_ideal"] = f"{max(cpu):.2f}" if cpu else "n/a"
+    cores = [r["real_core_share_at_capacity"] for r in rows
+             if r["client"] == "dreamgen" and r.get("real_core_share_at_capacity")]  # fmt: skip
+    out["core_at_1x"] = f"{max(cores):.4f}" if cores else "n/a"
+    total = res.get("b", {}).get("total", {})
+    out["post_us_per_record"] = f"{total['cpu_us']:.1f}" if total else "n/a"
+    c = res.get("c", {})
+    out[f"rss_ratio_{c['n'][1]}_{c['n'][0]}" if c else "rss_ratio"] = (
+        f"{c['growth_ratio']}" if c else "n/a"
+    )
+    out["xgrammar_mask_us_per_token"] = "n/a (bench/xgrammar_schemas.py; pip install xgrammar)"
+    return out
 
 
 def machine_info() -> dict[str, Any]:

@@ -30,16 +30,8 @@ import orjson
 
 from dreamgen.config import Config
 from dreamgen.engines.base import EngineError
-from dreamgen.judge import (
-    AssessFailed,
-    Assessment,
-    Calibration,
-    Case,
-    Judge,
-    case_from_labelled,
-    judge_model_name,
-    open_judge,
-)
+from dreamgen.judge import AssessFailed, Assessment, Case, Judge, case_from_labelled
+from dreamgen.judge_setup import Calibration, judge_model_name, open_judge
 from dreamgen.labelled import read_labelled
 
 BOOTSTRAP = 2000

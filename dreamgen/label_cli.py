@@ -9,6 +9,7 @@ exit code is then 1.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,10 @@ def _summary_table(data: dict[str, Any]) -> Table:
     return table
 
 
-def run_label(job: LabelJob, err: Console, out: Console, install: Any) -> int:
+Install = Callable[[asyncio.AbstractEventLoop, Callable[[], None]], None]
+
+
+def run_label(job: LabelJob, err: Console, out: Console, install: Install) -> int:
     """Run one labelling job with signal handling; returns the exit code.
 
     ``install(loop, on_first)`` installs the CLI's signal handlers (first signal: stop

@@ -23,9 +23,10 @@ from dreamgen.copies import CopyIndex
 from dreamgen.dedup import Dedup, conversation_text, exact_key, load_heldout
 from dreamgen.diskio import disk_error
 from dreamgen.engines import Completion, Engine, EngineError, Gate, open_engine, wait_event
-from dreamgen.judge import Judge, open_judge
+from dreamgen.judge import Judge
 from dreamgen.judge import Reason as JudgeReason
-from dreamgen.judge import resolve as resolve_judge
+from dreamgen.judge_setup import open_judge
+from dreamgen.judge_setup import resolve as resolve_judge
 from dreamgen.planner import Planner, prompt_fingerprint
 from dreamgen.record import Record
 from dreamgen.rejects import RejectSample

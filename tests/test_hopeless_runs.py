@@ -46,7 +46,7 @@ def test_every_answer_malformed_ends_the_build(tmp_path: Path) -> None:
         t0 = time.monotonic()
         proc = build(tmp_path / "out", sim.base_url, "--count", "5")
         took = time.monotonic() - t0
-        requests = sim.stats()["requests"]
+        requests = sim.stats()["requests_received"]
     assert proc.returncode == 2, proc.stderr[-2000:]
     (line,) = error_lines(proc)
     assert "answers in a row were rejected" in line, line
@@ -87,7 +87,7 @@ def test_the_breaker_can_be_turned_off(tmp_path: Path) -> None:
         cmd += ["--count", "5", "--concurrency", "32", "--config", str(config)]
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            wait_for(lambda: sim.stats()["requests"] > 1000, 120, "1000 requests")
+            wait_for(lambda: sim.stats()["requests_received"] > 1000, 120, "1000 requests")
             assert p.poll() is None  # still going: nothing stops it but a signal
         finally:
             p.terminate()
@@ -115,9 +115,9 @@ def test_daemon_goes_not_ready_says_why_and_recovers(tmp_path: Path) -> None:
             assert logged and logged[0].get("level") in ("error", "ERROR"), logged[:1]
             # It backs off: over 3 s at most a couple of retries of ~20 requests each (the
             # pause doubles 1.5 s -> 3 s); without the breaker this server takes thousands.
-            before = sim.stats()["requests"]
+            before = sim.stats()["requests_received"]
             time.sleep(3.0)
-            assert sim.stats()["requests"] - before < 100
+            assert sim.stats()["requests_received"] - before < 100
             post(sim.url + "/sim/faults", {"rates": {}})  # the server is fixed
             d.wait_ready(60)
             wait_for(lambda: d.value("dreamgen_records_accepted") >= 1, 60, "a record kept")
