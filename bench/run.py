@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `bench` and `dreamgen` importable
     sys.path.insert(0, str(ROOT))
 
+from dreamgen.engines.base import Engine  # noqa: E402
 from tests.fake_vllm import (  # noqa: E402
     BYTES_PER_TOKEN,
     DEFAULT_CORPUS,
@@ -386,7 +387,7 @@ async def worker_ideal(p: dict[str, Any]) -> dict[str, Any]:
     return {"window": {"a": a, "b": b, "sim_a": sim_a, "sim_b": sim_b}}
 
 
-class _StubEngine:
+class _StubEngine(Engine):
     """Answers each chat with the next prepared output: post-processing without a network."""
 
     name = "openai"

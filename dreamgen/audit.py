@@ -7,10 +7,11 @@ folder also the manifest: every closed shard listed with its record count and sh
 nothing listed that is missing, and the totals. The open shard (``*.jsonl.open``, a run
 in progress or interrupted) is not part of the dataset and is not checked.
 
-A live writer is tolerated: the manifest is read once, before the shards are listed (a
-shard is renamed into place before the manifest that lists it is written), and a shard
-closed after that snapshot, while the folder's lock is held, is checked as records but not
-reported as unlisted. Files in ``shards/`` that are not shards are reported, never read.
+A live writer is tolerated: the manifest is read before the shards are listed (a shard is
+renamed into place before the manifest that lists it is written); a shard closed after
+that snapshot, while the folder's lock is held, is checked as records but not reported as
+unlisted, and one the snapshot missed is looked up in a fresh read before it is reported.
+Files in ``shards/`` that are not shards are reported, never read.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ def audit(path: Path) -> tuple[int, list[str]]:
     live = False
     if path.is_dir():
         # The manifest first: every shard it lists is on disk by then (see the docstring).
+        live = folder_locked(path)
         if (path / MANIFEST).exists():
             manifest, problem = _read_manifest(path / MANIFEST)
             problems += problem
-        live = folder_locked(path)
         is_out = (path / SHARDS).is_dir()
         files = closed_shards(path) if is_out else sorted(path.glob("*.jsonl"))
         if is_out:
@@ -161,14 +162,16 @@ def _check_manifest(
     newest = max((shard_index(n) for n in listed), default=-1) + 1
     if open_shard.get("name"):
         newest = max(newest, shard_index(open_shard["name"]))
-    for name in counts:
-        if live and shard_index(name) >= newest:
-            continue
-        if name not in listed:
-            problems.append(
-                f"{MANIFEST}: closed shard {name} is not listed (an interrupted run? "
-                "resume it to bring the manifest up to date)"
-            )
+    unlisted = [n for n in counts if n not in listed and not (live and shard_index(n) >= newest)]
+    if unlisted:  # a writer may have listed them since (and ended): ask the manifest again
+        fresh, _ = _read_manifest(out / MANIFEST)
+        now_listed = {s.get("name") for s in (fresh or {}).get("shards") or []}
+        unlisted = [n for n in unlisted if n not in now_listed]
+    for name in unlisted:
+        problems.append(
+            f"{MANIFEST}: closed shard {name} is not listed (an interrupted run? "
+            "resume it to bring the manifest up to date)"
+        )
     expected = sum(s["records"] for s in listed.values()) + open_shard.get("records", 0)
     if manifest.get("records") is not None and manifest["records"] != expected:
         problems.append(

@@ -83,6 +83,13 @@ class CardSet:
         self.root = root
         self.by_id = {c.id: c for c in cards}
         self.env = make_env(root / "templates")
+        # Compile now what was just linted, so later edits on disk cannot reach this set.
+        for name in sorted({c.template for c in cards} | set(TEMPLATE_CONTEXTS)):
+            if cards and (root / "templates" / name).is_file():
+                try:
+                    self.env.get_template(name)
+                except jinja2.TemplateError as exc:
+                    raise CardError(f"{root / 'templates' / name}: {one_line(exc)}") from exc
 
     @classmethod
     def load(cls, root: Path = PROMPTS_DIR) -> CardSet:
@@ -290,6 +297,9 @@ def _lint_templates(root: Path, cards: Iterable[Card]) -> list[str]:
             continue
         except jinja2.TemplateError as exc:
             problems.append(one_line(exc))
+            continue
+        except RecursionError:  # ((((… thousands deep: the parser's own recursion
+            problems.append(f"{path}: template nests too deep to parse")
             continue
         for var in sorted(unknown):
             line = next((i for i, text in enumerate(source.splitlines(), 1) if var in text), None)

@@ -145,9 +145,8 @@ class CopyIndex:
             self._pairs[key] = kinds
         return kinds
 
-    def share(self, texts: Sequence[str], kinds: Kinds) -> float:
-        """The copied share of one part: n-gram positions that are ``SHOWN``, plus those
-        that are ``OWN`` beyond the allowance, over all n-gram positions of ``texts``."""
+    def _grams(self, texts: Sequence[str]) -> tuple[list[Gram], int]:
+        """The n-grams of ``texts`` joined, and how many lie within a single text."""
         n = self.config.ngram
         joined: list[str] = []
         total = 0  # n-gram positions within the texts (none that span two)
@@ -156,11 +155,18 @@ class CopyIndex:
             total += max(0, len(ws) - n + 1)
             joined += ws
             joined.append(_SEP)
+        # zip over shifted lists makes the n-gram tuples in C; a gram spanning _SEP is in
+        # no set, so it finds nothing.
+        return list(zip(*(joined[k:] for k in range(n)), strict=False)), total
+
+    def share(self, texts: Sequence[str], kinds: Kinds) -> float:
+        """The copied share of one part: n-gram positions that are ``SHOWN``, plus those
+        that are ``OWN`` beyond the allowance, over all n-gram positions of ``texts``."""
+        grams, total = self._grams(texts)
         if total == 0:
             return 0.0
-        # zip over shifted lists makes the n-gram tuples in C; one hash and lookup per
-        # n-gram, counted in C: this is the hot path. Grams spanning _SEP find nothing.
-        found = list(map(kinds.get, zip(*(joined[k:] for k in range(n)), strict=False)))
+        # One hash and lookup per n-gram, counted in C: this is the hot path.
+        found = list(map(kinds.get, grams))
         extra = max(0.0, found.count(OWN) - self.config.situation_allowance * total)
         return (found.count(SHOWN) + extra) / total
 
@@ -180,11 +186,11 @@ class CopyIndex:
             if part == "conversation"
             else [record.target.content, record.contrast.content]
         )
+        grams, _ = self._grams(texts)
         candidates: list[tuple[str, Grams]] = [("the instructions", self.instructions)]
         if request.example:
-            grams = self.examples.get(request.example, self.any_example)
-            candidates.append((f"the worked example {request.example}", grams))
+            example = self.examples.get(request.example, self.any_example)
+            candidates.append((f"the worked example {request.example}", example))
         if request.card in self.situations:
             candidates.append((f"card {request.card}'s situation", self.situations[request.card]))
-        best = max(candidates, key=lambda c: self.share(texts, dict.fromkeys(c[1], SHOWN)))
-        return best[0]
+        return max(candidates, key=lambda c: sum(map(c[1].__contains__, grams)))[0]

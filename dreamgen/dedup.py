@@ -33,6 +33,7 @@ as close as the threshold to any held-out one is rejected as ``contaminated``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -313,7 +314,8 @@ class Dedup:
             db.execute("INSERT OR REPLACE INTO covered VALUES (0, ?)", (covered,))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT may already have rolled back
+                db.execute("ROLLBACK")
             raise
         return cur.rowcount
 
@@ -382,17 +384,34 @@ class Dedup:
                 self._index(self._rows, 0)
                 self._forget_new()
             return
-        with self._locked():
-            self._catch_up()
-            if self._buf:
-                offset = os.fstat(self._fd).st_size
-                view = memoryview(self._buf)
-                while view:
-                    n = os.write(self._fd, view)
-                    view = view[n:]
-                os.fsync(self._fd)
-                self._index(self._rows, offset + len(self._buf))
-                self._forget_new()
+        # A disk failure (full, read-only, I/O) leaves the added rows in place for the next
+        # sync and surfaces as an OSError with its errno, which the pipeline reports.
+        try:
+            with self._locked():
+                self._catch_up()
+                if self._buf:
+                    self._append()
+        except sqlite3.OperationalError as exc:  # "database or disk is full", I/O errors
+            code = errno.ENOSPC if "full" in str(exc) else errno.EIO
+            raise OSError(code, f"dedup index: {exc}") from exc
+
+    def _append(self) -> None:
+        """Write and fsync the added rows, then index them (under the lock)."""
+        assert self._fd is not None
+        offset = os.fstat(self._fd).st_size
+        data = bytes(self._buf)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+            os.fsync(self._fd)
+        except OSError:
+            # Leave the log as it was, so the same rows can be written again later.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, offset)
+            raise
+        self._index(self._rows, offset + len(data))
+        self._forget_new()
 
     def _forget_new(self) -> None:
         self._buf = bytearray()

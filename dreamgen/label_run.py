@@ -75,9 +75,6 @@ class LabelJob:
     fmt: str = "auto"  # one of FORMATS
     all_turns: bool = False
     samples: int = 2
-    # String bounds in the answer schema (llama.cpp needs them for a small model; vLLM's
-    # xgrammar is slow with them). None: bounded for the embedded engine only.
-    bounded: bool | None = None
     flush_items: int = 512
     flush_interval_s: float = 0.5
 
@@ -297,8 +294,8 @@ class LabelRun:
         async with open_engine(job.config) as (engine, limit):
             self._prov["model"] = engine.model
             gate = engine.gate if engine.gate is not None else Gate(lambda: limit)
-            bounded = job.bounded if job.bounded is not None else engine.name == "embedded"
-            fmt = response_format(bounded)
+            # The engine's dialect: string bounds for llama.cpp, none for vLLM's xgrammar.
+            fmt = response_format(bounded=engine.schema_dialect == "bounded")
             try:
                 for item in self._items():
                     if self.stop_event.is_set() or self.fatal is not None:

@@ -334,9 +334,10 @@ def _schema(bounded: bool) -> dict[str, Any]:
     }
 
 
-# Two fixed schemas, built once: llama.cpp (the embedded engine) needs string bounds to
-# keep a 135M model from rambling; xgrammar in vLLM decodes slowly with maxLength, so
-# servers get the unbounded form (max_tokens bounds the answer; parse_answer checks it).
+# Two fixed schemas, built once, chosen by the engine's ``schema_dialect``: llama.cpp (the
+# embedded engine) needs string bounds to keep a 135M model from rambling; xgrammar in vLLM
+# decodes slowly with maxLength, so it gets the unbounded form (max_tokens bounds the
+# answer).
 RESPONSE_FORMATS: dict[bool, dict[str, Any]] = {
     bounded: {
         "type": "json_schema",

@@ -96,6 +96,9 @@ class Planner:
         self.config = config
         self.target = target
         self.rng = random.Random(config.seed)
+        # Stakes draw from their own stream: turning the share on or off leaves the rest of
+        # a seed's plan (cells, modes, cards) as it was.
+        self.stakes_rng = random.Random(f"stakes-{config.seed}")
         self.index = 0
         self.filled: Counter[Cell] = Counter()
         self.inflight: Counter[Cell] = Counter()
@@ -171,7 +174,7 @@ class Planner:
         """The stakes value for a directed request in ``cell``: a closed loop like the
         undirected share (a roll mixes them over time; the counts decide at the end)."""
         share = self.config.stakes_share
-        roll = self.rng.random()
+        roll = self.stakes_rng.random()
         if share <= 0:
             return Stakes.none.value
         cue, dis, d = cell
@@ -184,7 +187,7 @@ class Planner:
         quota = self.stakes_quota()
         if quota is None:
             values = sorted(servable)
-            return self.rng.choice(values) if values and roll < share else Stakes.none.value
+            return self.stakes_rng.choice(values) if values and roll < share else Stakes.none.value
         load = {v: self.stakes_filled[v] + self.stakes_inflight[v] for v in STAKES}
         open_values = sorted(v for v in servable if load[v] < quota[v])
         if not open_values:
@@ -194,7 +197,7 @@ class Planner:
         none_open = load_none < directed - sum(quota.values())
         if roll < share or not none_open:
             least = min(load[v] for v in open_values)
-            return self.rng.choice([v for v in open_values if load[v] == least])
+            return self.stakes_rng.choice([v for v in open_values if load[v] == least])
         return Stakes.none.value
 
     def _open(self, cells: list[Cell]) -> list[Cell]:

@@ -160,7 +160,10 @@ class CardSandbox(ImmutableSandboxedEnvironment):
             trim_blocks=True,
             lstrip_blocks=True,
             finalize=finalize,
-            cache_size=64,
+            # A template is read once: an edit on disk applies on the next load (a daemon's
+            # SIGHUP, which lints it first), never half-way through a run.
+            auto_reload=False,
+            cache_size=-1,
         )
         self.globals.clear()  # range, dict, lipsum, cycler, joiner, namespace
         self.globals.update({"range": bounded_range, **helpers})
@@ -326,9 +329,9 @@ _BINOPS: dict[str, Callable[[Any, Any], Any]] = {
 def render(env: CardSandbox, name: str, context: dict[str, Any]) -> str:
     """Render template ``name`` with plain copies of ``context``, inside a fresh budget."""
     data = {k: plain(v, k) for k, v in context.items()}
-    template = env.get_template(name)
     token = BUDGET.set(Budget())
     try:
+        template = env.get_template(name)
         parts: list[str] = []
         total = 0
         for chunk in template.generate(**data):
@@ -336,8 +339,12 @@ def render(env: CardSandbox, name: str, context: dict[str, Any]) -> str:
             if total > MAX_OUTPUT:
                 raise TemplateLimitError(f"rendered text is over {MAX_OUTPUT} characters")
             parts.append(chunk)
-    except RecursionError as exc:  # a guard missed a way to recurse: still one line
-        raise TemplateLimitError("template recursion too deep") from exc
+    except jinja2.TemplateError:
+        raise
+    except RecursionError as exc:  # nesting the parser or a guard did not bound
+        raise TemplateLimitError("template nests or recurses too deep") from exc
+    except Exception as exc:  # a filter or operator on the wrong data: the template's error
+        raise TemplateLimitError(f"{type(exc).__name__}: {one_line(exc, 200)}") from exc
     finally:
         BUDGET.reset(token)
     return "".join(parts)

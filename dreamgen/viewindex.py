@@ -334,14 +334,13 @@ class ViewIndex:
         source, key = "records", "rid"
         where: list[str] = ["1"]
         args: list[Any] = []
-        for key in FILTERS:
-            value = filters.get(key, "")
+        for column in FILTERS:
+            value = filters.get(column, "")
             if value == "":
                 continue
-            where.append(f"{key} = ?")
-            args.append(
-                int(value) if key in _INT_FILTERS and value.lstrip("-").isdigit() else value
-            )
+            where.append(f"{column} = ?")
+            numeric = column in _INT_FILTERS and value.lstrip("-").isdigit()
+            args.append(int(value) if numeric else value)
         if judge is not None and re.fullmatch(r"judge_\w+", judge[0]):
             where.append("json_extract(judge, ?) >= ?")  # unjudged rows (NULL) never match
             args += [f"$.{judge[0]}", judge[1]]

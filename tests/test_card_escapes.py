@@ -103,6 +103,8 @@ TEMPLATE_ATTACKS: dict[str, tuple[str, str]] = {
         "{{% endset %}}{{{{ x|length }}}}",
         "too much text",
     ),
+    "type-error": ("{{{{ card|sum }}}}", "TypeError"),
+    "deep-parens": ("{{{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}}}", "too deep"),
     "self-include": ("{{% include '{template}' %}}", "includes itself"),
     "escape-include": ("{{% include '../../etc/passwd' %}}", "no template"),
     "dynamic-include": ("{{% include card.template %}}", "constant template name"),

@@ -98,7 +98,9 @@ def test_each_format_loads_with_datasets(source: Path, tmp_path: Path, fmt: str)
     dest = tmp_path / fmt
     result = export(source, fmt, dest)
     assert result.counts == {"train": 4, "eval": 1, "probe": 1}
-    ds = load_dataset(str(dest))  # through the dataset card's `configs` header
+    ds = load_dataset(
+        str(dest), cache_dir=str(tmp_path / "hf-cache")
+    )  # through the dataset card's `configs` header
     assert {s: ds[s].num_rows for s in ds} == {"train": 4, "eval": 1, "probe": 1}
     expected = {r.id: r for r in _records()}
     if fmt != "openai-chat":
@@ -268,7 +270,7 @@ def test_trl_sft_trains_on_the_target(smollm2, source: Path, tmp_path: Path) -> 
     before = _only_q_proj(model)
     dest = tmp_path / "sft"
     export(source, "trl-sft", dest)
-    ds = load_dataset(str(dest))
+    ds = load_dataset(str(dest), cache_dir=str(tmp_path / "hf-cache"))
     args = SFTConfig(
         output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
         learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1,
@@ -303,7 +305,7 @@ def test_trl_dpo_runs_on_the_export(smollm2, source: Path, tmp_path: Path) -> No
     before = _only_q_proj(model)
     dest = tmp_path / "dpo"
     export(source, "trl-dpo", dest)
-    ds = load_dataset(str(dest))
+    ds = load_dataset(str(dest), cache_dir=str(tmp_path / "hf-cache"))
     args = DPOConfig(
         output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
         learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1,

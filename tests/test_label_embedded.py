@@ -51,10 +51,16 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
 
 
 def run_llm(url: str, src: Path, out: Path, **job: Any) -> tuple[LabelSummary, list[Labelled]]:
-    config = Config(engine="openai", servers=[url], model=EMBEDDED_MODEL, concurrency=4)
+    # The embedded server's llama.cpp gets the schema with string bounds, as embedded does.
+    config = Config(
+        engine="openai",
+        servers=[url],
+        model=EMBEDDED_MODEL,
+        concurrency=4,
+        serving={"schema_dialect": "bounded"},  # type: ignore[arg-type]
+    )
     job.setdefault("samples", 1)
-    # bounded: the embedded server's llama.cpp gets the schema with string bounds.
-    summary = asyncio.run(LabelRun(LabelJob(src, out, "openai", config, bounded=True, **job)).run())
+    summary = asyncio.run(LabelRun(LabelJob(src, out, "openai", config, **job)).run())
     return summary, list(read_labelled(out / LABELLED))
 
 

@@ -95,7 +95,7 @@ def test_config_that_is_a_directory_or_not_utf8(tmp_path: Path) -> None:
     latin1 = tmp_path / "latin1.toml"
     latin1.write_bytes(b"count = 5 # caf\xe9\n")
     line = one_error_line(dreamgen("build", "--config", str(latin1), "--out", str(out)))
-    assert line == f"error: {latin1}: not UTF-8 text (byte 14)"
+    assert line == f"error: {latin1}: not UTF-8 text (byte 15)"
     assert not out.exists()
 
 
@@ -159,7 +159,7 @@ def test_a_bug_is_one_line_with_the_traceback_in_a_log(tmp_path: Path) -> None:
     (log,) = crashes.glob("crash-*.log")
     assert str(log) in line
     text = log.read_text()
-    assert "Traceback (most recent call last)" in text and "print(1 / 0)" in text
+    assert "Traceback (most recent call last)" in text and "in explode" in text
 
 
 def test_sighup_with_a_recursing_template_is_a_counted_refusal(tmp_path: Path) -> None:
