@@ -25,8 +25,9 @@ from dreamgen.breaker import YieldError
 from dreamgen.cards import CardError, CardSet, lint
 from dreamgen.config import Config, ConfigError, load_config
 from dreamgen.engines import EngineError
-from dreamgen.pipeline import Run, Summary
+from dreamgen.pipeline import Run
 from dreamgen.store import StoreError
+from dreamgen.summary import Summary
 
 HELP = {"help_option_names": ["-h", "--help"]}  # -h everywhere, subcommands included
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, context_settings=HELP)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -34,64 +32,10 @@ from dreamgen.request import Request
 from dreamgen.scenario import response_format
 from dreamgen.stages import JUDGE_BEFORE, Chain, Item, Outcome, RunReason, StoreReason, chain_for
 from dreamgen.store import Store, StoreError
+from dreamgen.summary import Summary
 from dreamgen.timeseries import TimeSeries
 
 log = logging.getLogger("dreamgen.pipeline")
-
-
-@dataclass
-class Summary:
-    """Counts for one run, plus the totals the store already held when it started."""
-
-    target: int | None
-    resumed: int = 0
-    accepted: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    accepted_tokens: int = 0
-    minimal_pairs: int = 0  # derived variants written beside accepted records
-    engine_errors: int = 0
-    judge_requests: int = 0  # the judge's own calls and tokens, counted apart
-    judge_prompt_tokens: int = 0
-    judge_completion_tokens: int = 0
-    started: float = field(default_factory=time.monotonic)
-    finished: float | None = None
-    coverage: list[dict[str, Any]] = field(default_factory=list)
-    stopped_by: str = "target"
-
-    @property
-    def elapsed_s(self) -> float:
-        return (self.finished or time.monotonic()) - self.started
-
-    @property
-    def total(self) -> int:
-        return self.resumed + self.accepted
-
-    def as_dict(self) -> dict[str, Any]:
-        el = max(self.elapsed_s, 1e-9)
-        return {
-            "target": self.target,
-            "resumed": self.resumed,
-            "accepted": self.accepted,
-            "total": self.total,
-            "rejected": dict(sorted(self.rejected.items())),
-            "requests": self.requests,
-            "yield": round(self.accepted / self.requests, 4) if self.requests else None,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "accepted_tokens": self.accepted_tokens,
-            "minimal_pairs": self.minimal_pairs,
-            "judge_requests": self.judge_requests,
-            "judge_prompt_tokens": self.judge_prompt_tokens,
-            "judge_completion_tokens": self.judge_completion_tokens,
-            "elapsed_s": round(el, 2),
-            "accepted_per_s": round(self.accepted / el, 3),
-            "accepted_tokens_per_s": round(self.accepted_tokens / el, 1),
-            "completion_tokens_per_s": round(self.completion_tokens / el, 1),
-            "stopped_by": self.stopped_by,
-        }
 
 
 class Run:

@@ -100,7 +100,7 @@ def test_daemon_goes_not_ready_says_why_and_recovers(tmp_path: Path) -> None:
         config = tmp_path / "d.toml"
         config.write_text(
             f'engine = "openai"\nservers = ["{sim.base_url}"]\nmodel = "dreamgen-sim"\n'
-            f'concurrency = 8\nprompts = "{PROMPTS_DIR}"\ncount = 10\n'
+            f'concurrency = 8\nprompts = "{PROMPTS_DIR}"\ncount = 100000\n'
             "[serving]\nhealth_interval_s = 0.2\n"
             "[breaker]\nmax_without_accept = 20\nbackoff_s = 1.5\nbackoff_max_s = 3\n"
         )
@@ -120,7 +120,7 @@ def test_daemon_goes_not_ready_says_why_and_recovers(tmp_path: Path) -> None:
             assert sim.stats()["requests_received"] - before < 100
             post(sim.url + "/sim/faults", {"rates": {}})  # the server is fixed
             d.wait_ready(60)
-            wait_for(lambda: d.value("dreamgen_records_accepted") >= 1, 60, "a record kept")
+            wait_for(lambda: d.value("dreamgen_records_accepted_total") >= 1, 60, "a record kept")
             assert d.stop() == 0
 
 
