@@ -55,7 +55,7 @@ def test_bench_ci_mode_runs_every_section(tmp_path: Path) -> None:
     assert dg["over_ideal"] > 0
 
     stages = res["b"]["stages"]
-    assert list(stages) == ["label", "filter", "split", "dedup", "pairs", "store"]
+    assert list(stages) == ["label", "filter", "copies", "split", "dedup", "pairs", "store"]
     assert all(v["cpu_us"] > 0 for v in stages.values())
     assert res["b"]["total"]["accepted"] > 0
 
