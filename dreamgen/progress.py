@@ -110,7 +110,7 @@ class Progress:
         self.rate = RecentRate(window_s)
         self._started = False
         self._finished = False
-        self._last_log = 0.0
+        self._last_log = time.monotonic()
         self.bar = RichProgress(
             TextColumn("[bold]{task.fields[state]}"),
             BarColumn(),
@@ -183,7 +183,9 @@ class Progress:
         snap = self.snapshot()
         if self.mode == "log":
             now = time.monotonic()
-            if self._last_log and now - self._last_log < self.interval_s:
+            # The first line after one interval, not at once: a run that fails to start
+            # (an unreachable server) ends in its one error line, nothing else.
+            if now - self._last_log < self.interval_s:
                 return
             self._last_log = now
         self.render(snap)
@@ -201,7 +203,7 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self._finished = True
-        if self.run.engine is not None:  # a run that never started has no progress to end
+        if self.run.summary.requests:  # a run that never sent a request has nothing to end
             self.render(self.snapshot())  # the last word: state done, the clock stopped
         self.bar.stop()
 
