@@ -138,7 +138,7 @@ class Run:
             splits=config.splits,
             index=self.dedup,
             store=self.store,
-            full=lambda: self.reached,
+            full=self._no_room,
             copy_index=CopyIndex(self.cards, config.copies),
             pair_share=config.plan.minimal_pairs,
             pair_kinds=config.plan.minimal_pair_kinds,
@@ -149,6 +149,12 @@ class Run:
         target = self.config.count
         done = self.store.count - self.pairs + len(self.pending)
         return target is not None and done >= target
+
+    def _no_room(self, record: Record) -> bool:
+        """The target is met, or the share of it for ``record``'s mode is (an over-asked
+        record of the other mode landed first)."""
+        pending = [request.mode for request, _ in self.pending.values()]
+        return self.reached or not self.planner.has_room(record, pending)
 
     def stop(self, reason: str = "signal") -> None:
         """Stop issuing requests; in-flight ones finish (see ``run``'s grace)."""

@@ -265,6 +265,21 @@ class Planner:
         """A request failed: it frees its cell and counts for nothing."""
         self._release(request)
 
+    def has_room(self, record: Record, pending: list[str]) -> bool:
+        """Whether the target still has room for ``record``'s side (undirected, or directed
+        and evolved), counting records accepted but not yet durable (``pending``: their
+        modes). Over-asking may land more of one side than its share; the surplus is
+        dropped, so a small target keeps its composition. No target: always room."""
+        uq = self.undirected_quota
+        if self.target is None or uq is None or record.mode == "minimal_pair":
+            return True
+        if record.mode == "undirected":
+            have = self.filled[UNDIRECTED] + pending.count("undirected")
+            return have < uq
+        have = sum(self.filled[c] for c in self.cells)
+        have += sum(1 for mode in pending if mode not in ("undirected", "minimal_pair"))
+        return have < self.target - uq
+
     def observe(self, record: Record) -> None:
         """Count a record already in the store (used on resume and for accepted records).
 
@@ -336,6 +351,16 @@ class Planner:
             d_open = bool(self._open(self.cells))
             if u_open != d_open:
                 want = u_open
+            elif not u_open:
+                # Both sides spoken for: over-ask the side that still lacks the larger share
+                # of its quota, so that a low-yield side is not outrun by the other (an
+                # over-asked record that lands is kept, and the run stops on the total).
+                u_need = max(0, uq - self.filled[UNDIRECTED]) / uq
+                d_quota = sum(self.quota.values())
+                d_left = sum(max(0.0, self.quota[c] - self.filled[c]) for c in self.cells)
+                d_need = d_left / d_quota if d_quota > 0 else 0.0
+                if u_need != d_need:
+                    want = u_need > d_need
         return want
 
     def next(self) -> Request:

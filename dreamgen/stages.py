@@ -225,19 +225,20 @@ class Keep(Stage):
     """Hand the record (and its pairs) to the store and its signature to dedup.
 
     Reported accepted only later, once the store has fsynced it (the pipeline's flush).
-    ``full`` says the target is already met: the record is then dropped, not counted.
+    ``full(record)`` says the target has no room left for it (met, or its mode's share of
+    it met): the record is then dropped as surplus, not counted.
     """
 
     name = "store"
     reasons = StoreReason
 
-    def __init__(self, store: Store, index: Dedup, full: Callable[[], bool]) -> None:
+    def __init__(self, store: Store, index: Dedup, full: Callable[[Record], bool]) -> None:
         self.store, self.index, self.full = store, index, full
 
     def process(self, item: Item) -> Outcome:
         record = _record(item)
-        if self.full():
-            return Outcome(StoreReason.surplus, "the target is met")
+        if self.full(record):
+            return Outcome(StoreReason.surplus, "the target has no room left for it")
         if item.signature is not None:
             self.index.add(*item.signature)
         if not self.store.add(record):
@@ -307,7 +308,7 @@ def chain_for(
     splits: Mapping[Split, float],
     index: Dedup,
     store: Store,
-    full: Callable[[], bool],
+    full: Callable[[Record], bool],
     copy_index: CopyIndex,
     pair_share: float = 0.0,
     pair_kinds: Sequence[PairKind] = pairs.KINDS,

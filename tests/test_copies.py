@@ -63,7 +63,7 @@ def chain(tmp_path: Path, cards: CardSet) -> stages.Chain:
         splits=Config().splits,
         index=Dedup(tmp_path / "dedup"),
         store=store,
-        full=lambda: False,
+        full=lambda _: False,
         copy_index=CopyIndex(cards, CopyConfig()),
         timed=True,
     )

@@ -46,7 +46,7 @@ def simulate(
     config: PlanConfig,
     target: int,
     *,
-    accept: float = 0.6,
+    accept: float | dict[str, float] = 0.6,
     window: int = 8,
     outcome_seed: int = 0,
 ) -> tuple[Planner, list[Request], list[Record]]:
@@ -64,8 +64,9 @@ def simulate(
             issued.append(request)
         request = inflight.pop(coin.randrange(len(inflight)))
         n += 1
-        if coin.random() < accept:
-            record = answer(cards, request, n)
+        rate = accept if isinstance(accept, float) else accept[request.mode]
+        record = answer(cards, request, n)
+        if coin.random() < rate and planner.has_room(record, []):
             planner.accepted(request, record)
             accepted.append(record)
         else:
@@ -113,6 +114,22 @@ def test_quotas_with_evolution_and_undirected(cards: CardSet) -> None:
     # Undirected records label themselves: they fill their own bucket, never a cell.
     assert sum(planner.filled[c] for c in planner.cells) == 100 - modes["undirected"]
     assert {r.mode for r in issued} == {"directed", "evolved", "undirected"}
+
+
+@pytest.mark.parametrize("outcome_seed", range(8))
+def test_a_low_yield_undirected_side_still_gets_its_share(
+    cards: CardSet, outcome_seed: int
+) -> None:
+    """The embedded model rarely writes a valid undirected record: once both sides are
+    spoken for, over-asking must go where the quota is still unmet, and a record landing
+    on a side already full is surplus (``has_room``), or the directed side fills the whole
+    small target first."""
+    config = PlanConfig(seed=3, difficulty_min=1, difficulty_max=2, evolve_share=1.0,
+                        undirected_share=0.34)  # fmt: skip
+    rates = {"directed": 0.9, "evolved": 0.9, "undirected": 0.15}
+    _, _, accepted = simulate(cards, config, 3, accept=rates, window=4, outcome_seed=outcome_seed)
+    modes = Counter("undirected" if r.mode == "undirected" else "directed" for r in accepted)
+    assert modes == {"directed": 2, "undirected": 1}
 
 
 def test_quota_overrides_weight_cells(cards: CardSet) -> None:

@@ -32,7 +32,7 @@ def chain(tmp_path: Path) -> stages.Chain:
         splits=Config().splits,
         index=index,
         store=store,
-        full=lambda: False,
+        full=lambda _: False,
         copy_index=CopyIndex(CardSet.load(), CopyConfig()),
         timed=True,
     )
