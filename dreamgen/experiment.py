@@ -196,14 +196,15 @@ def run_experiment(
     params = dict(model.named_parameters())
     base_q = {n: params[n].detach().clone() for n in names}
     base_digests = param_digests(model)
+
+    def measure(label: str) -> ProbeResult:  # the same probe before and after each objective
+        name = f"{cfg.model} ({label})"
+        return probe(
+            model, heldout, tokenizer=tokenizer, name=name, sink_tokens=cfg.train.sink_tokens
+        )
+
     t0 = time.monotonic()
-    base = probe(
-        model,
-        heldout,
-        tokenizer=tokenizer,
-        name=f"{cfg.model} (base)",
-        sink_tokens=cfg.train.sink_tokens,
-    )
+    base = measure("base")
     base.write(cfg.out / "base")
     log(f"base probe: {time.monotonic() - t0:.1f} s")
     reports: dict[str, ObjectiveReport] = {}
@@ -215,13 +216,7 @@ def run_experiment(
         on_step = _progress(log, objective)
         result = train_qproj(model, tokenizer, train, objective, cfg.train, on_step=on_step)
         t0 = time.monotonic()
-        after = probe(
-            model,
-            heldout,
-            tokenizer=tokenizer,
-            name=f"{cfg.model} ({objective})",
-            sink_tokens=cfg.train.sink_tokens,
-        )
+        after = measure(objective)
         probe_s = time.monotonic() - t0
         reports[objective] = _objective_report(
             cfg, model, base, after, result, base_digests, probe_s

@@ -379,15 +379,7 @@ class Run:
             self.on_completion(completion)
         s.prompt_tokens += completion.prompt_tokens
         s.completion_tokens += completion.completion_tokens
-        item = Item(
-            request,
-            completion.content,
-            finish_reason=completion.finish_reason,
-            completion_tokens=completion.completion_tokens,
-            model=engine.model,
-            engine=engine.name,
-            sampling=sampling,
-        )
+        item = Item.answered(request, completion, engine, sampling)
         try:
             outcome = await self._chain_process(item)
         except asyncio.CancelledError:  # a second signal while the judge was asked

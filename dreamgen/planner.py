@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter, deque
+from collections.abc import Sequence
 
 import orjson
 
@@ -265,7 +266,7 @@ class Planner:
         """A request failed: it frees its cell and counts for nothing."""
         self._release(request)
 
-    def has_room(self, record: Record, pending: list[str]) -> bool:
+    def has_room(self, record: Record, pending: Sequence[str]) -> bool:
         """Whether the target still has room for ``record``'s side (undirected, or directed
         and evolved), counting records accepted but not yet durable (``pending``: their
         modes). Over-asking may land more of one side than its share; the surplus is

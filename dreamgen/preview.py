@@ -108,15 +108,7 @@ async def _one(engine: Engine, config: Config, request: Request) -> Item | str:
         )
     except EngineError:
         return "engine_error"
-    return Item(
-        request,
-        completion.content,
-        finish_reason=completion.finish_reason,
-        completion_tokens=completion.completion_tokens,
-        model=engine.model,
-        engine=engine.name,
-        sampling=sampling,
-    )
+    return Item.answered(request, completion, engine, sampling)
 
 
 def preview(

@@ -26,6 +26,7 @@ from datasketch import MinHash
 from dreamgen import copies, dedup, filters, judge, pairs
 from dreamgen.copies import CopyIndex
 from dreamgen.dedup import Dedup, conversation_text
+from dreamgen.engines.base import Completion, Engine
 from dreamgen.pairs import PairKind
 from dreamgen.record import Record, Split, split_for
 from dreamgen.request import Request
@@ -80,6 +81,21 @@ class Item:
     record: Record | None = None  # set by Label
     signature: tuple[bytes, MinHash] | None = None  # set by DedupCheck
     pairs: list[Record] = field(default_factory=list)  # set by Pairs
+
+    @classmethod
+    def answered(
+        cls, request: Request, completion: Completion, engine: Engine, sampling: dict[str, Any]
+    ) -> Item:
+        """The item for ``engine``'s ``completion`` of ``request``."""
+        return cls(
+            request,
+            completion.content,
+            finish_reason=completion.finish_reason,
+            completion_tokens=completion.completion_tokens,
+            model=engine.model,
+            engine=engine.name,
+            sampling=sampling,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import orjson
+from cli import dreamgen, one_error_line
 from fake_vllm import SimProcess
 
 from dreamgen.audit import audit
@@ -18,32 +19,16 @@ from dreamgen.record import Record
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def dreamgen(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dreamgen", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
 def records(out: Path) -> list[Record]:
     lines = b"".join(p.read_bytes() for p in sorted((out / "shards").glob("part-*.jsonl")))
     return [Record.model_validate_json(line) for line in lines.splitlines()]
 
 
-def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
-
-
 def test_build_on_the_embedded_model_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    proc = dreamgen("build", "--count", "2", "--out", str(out), "--seed", "1", "--quiet")
+    proc = dreamgen(
+        "build", "--count", "2", "--out", str(out), "--seed", "1", "--quiet", timeout=1500
+    )
     assert proc.returncode == 0, proc.stderr
     assert "build summary" in proc.stdout and "accepted_tokens_per_s" in proc.stdout
     got = records(out)

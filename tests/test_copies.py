@@ -216,7 +216,10 @@ def test_copied_prompt_is_a_known_reason() -> None:
 # -- a real build ---------------------------------------------------------------------------
 
 WORDS = re.compile(r"[a-z0-9']+")
-DEMO_ARGS = ("--count", "20", "--seed", "0", "--quiet")  # as `make demo`
+# `make demo`'s build, shortened: the embedded model keeps ~5% of its answers, so each
+# record costs minutes on two cores (the full 20-record demo is measured by hand).
+DEMO_COUNT = 3
+DEMO_ARGS = ("--count", str(DEMO_COUNT), "--seed", "0", "--quiet")
 
 
 def _grams(text: str, n: int = 6) -> set[tuple[str, ...]]:
@@ -233,7 +236,7 @@ def _naive_share(texts: list[str], shown: set[tuple[str, ...]]) -> float:
 def test_a_demo_build_has_no_record_above_the_copy_threshold(
     tmp_path: Path, cards: CardSet
 ) -> None:
-    """`make demo`'s build (embedded SmolLM2, 20 records, seed 0): no accepted record
+    """`make demo`'s build (embedded SmolLM2, seed 0, shortened): no accepted record
     shares more than 30% of its 6-grams with any worked example in the library (stricter
     than the filter, which knows which one was shown)."""
     out = tmp_path / "demo"
@@ -246,7 +249,7 @@ def test_a_demo_build_has_no_record_above_the_copy_threshold(
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = list(dreamgen.read(out))
-    assert len(records) == 20
+    assert len(records) == DEMO_COUNT
     examples: set[tuple[str, ...]] = set()
     for ex in cards.examples:
         data = ex.model_dump(mode="json")

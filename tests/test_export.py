@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -260,22 +261,30 @@ def _changed(model: object, before: dict[str, object]) -> set[str]:
     return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
 
 
-def test_trl_sft_trains_on_the_target(smollm2, source: Path, tmp_path: Path) -> None:
+def _trl_run(smollm2: Any, source: Path, tmp_path: Path, fmt: str, config: Any) -> tuple[Any, ...]:
+    """A copy of the model (only q_proj trainable), the export loaded with `datasets`, and
+    TRL arguments for two CPU steps."""
     import copy
 
     from datasets import load_dataset
-    from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = copy.deepcopy(smollm2[0]), smollm2[1]
     before = _only_q_proj(model)
-    dest = tmp_path / "sft"
-    export(source, "trl-sft", dest)
+    dest = tmp_path / fmt
+    export(source, fmt, dest)
     ds = load_dataset(str(dest), cache_dir=str(tmp_path / "hf-cache"))
-    args = SFTConfig(
+    args = config(
         output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
         learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1,
         max_length=256, use_cpu=True, dataloader_num_workers=0,
     )  # fmt: skip
+    return model, tokenizer, before, ds, args
+
+
+def test_trl_sft_trains_on_the_target(smollm2, source: Path, tmp_path: Path) -> None:
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer, before, ds, args = _trl_run(smollm2, source, tmp_path, "trl-sft", SFTConfig)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=ds["train"], processing_class=tokenizer
     )
@@ -298,19 +307,9 @@ def test_trl_sft_trains_on_the_target(smollm2, source: Path, tmp_path: Path) -> 
 def test_trl_dpo_runs_on_the_export(smollm2, source: Path, tmp_path: Path) -> None:
     import copy
 
-    from datasets import load_dataset
     from trl import DPOConfig, DPOTrainer
 
-    model, tokenizer = copy.deepcopy(smollm2[0]), smollm2[1]
-    before = _only_q_proj(model)
-    dest = tmp_path / "dpo"
-    export(source, "trl-dpo", dest)
-    ds = load_dataset(str(dest), cache_dir=str(tmp_path / "hf-cache"))
-    args = DPOConfig(
-        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
-        learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1,
-        max_length=256, use_cpu=True, dataloader_num_workers=0,
-    )  # fmt: skip
+    model, tokenizer, before, ds, args = _trl_run(smollm2, source, tmp_path, "trl-dpo", DPOConfig)
     # The reference is the starting model itself (TRL would reload it from a path, and a
     # model dequantized from a GGUF has none it can reload).
     ref = copy.deepcopy(model).eval()

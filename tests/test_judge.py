@@ -13,13 +13,13 @@ import asyncio
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
+from cli import dreamgen, one_error_line
 from fake_vllm import SimProcess
 
 from bench.soak import build_cmd
@@ -45,24 +45,6 @@ DEV = ROOT / "tests" / "data" / "dev.jsonl"
 # Everything but the pairwise check relaxed: the fake's kind guesses and difficulty are
 # crude, and a build must be able to reach its target.
 LAX = {"floor": 0.0, "min_kind_agreement": 0.0, "max_difficulty_gap": 4.0}
-
-
-def dreamgen(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dreamgen", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
-def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 def toml(path: Path, judge: dict[str, object], extra: str = "") -> Path:

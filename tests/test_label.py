@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from cli import dreamgen as cli
 
 from dreamgen.label_out import LABELLED, REJECTED, STATE, LabelOutput
 from dreamgen.label_run import LabelJob, LabelRun
@@ -39,16 +40,6 @@ def label(tmp_path: Path, rows: list[Any], **job: Any) -> list[Labelled]:
     out = tmp_path / "out"
     asyncio.run(LabelRun(LabelJob(src, out, "rules", **job)).run())
     return list(read_labelled(out / LABELLED))  # validates every span against its text
-
-
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dreamgen", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-    )
 
 
 def test_rules_find_cues_and_ideas() -> None:

@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cli import dreamgen, one_error_line
 from fake_vllm import SimProcess
 from test_daemon import daemon, sim_config, wait_for
 
@@ -23,26 +24,6 @@ from dreamgen.cards import PROMPTS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 DEAD = ["--server", "http://127.0.0.1:9/v1", "--model", "m"]  # nothing listens on port 9
-
-
-def dreamgen(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dreamgen", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def one_error_line(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
-    assert proc.returncode == code, proc.stdout[-1000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
 
 
 CONFIGS = {

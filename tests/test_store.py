@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import conftest
 import orjson
 import pytest
+from cli import dreamgen
 from fake_vllm import SimProcess
 
 from dreamgen.audit import audit
@@ -50,16 +49,6 @@ def make_record(
 
 def line(record: Record) -> bytes:
     return orjson.dumps(record.model_dump(mode="json")) + b"\n"
-
-
-def dreamgen(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dreamgen", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
 
 
 # -- torn lines ------------------------------------------------------------------------
