@@ -123,6 +123,8 @@ FAULT_KINDS = (
     "truncated",  # finish_reason "length", content cut mid-JSON
     "malformed",  # finish_reason "stop", content not valid JSON
     "wrong_schema",  # valid JSON, required fields missing
+    "surrogate",  # valid JSON whose strings hold lone UTF-16 surrogates (escaped)
+    "deep",  # a JSON array nested 100,000 deep (sent whatever max_tokens says)
 )
 
 
@@ -638,6 +640,12 @@ class VLLMSim:
         if tokens > max_tokens:
             content = data[: max_tokens * BYTES_PER_TOKEN].decode(errors="ignore")
             tokens, finish = max_tokens, "length"
+
+        if fault == "surrogate":  # `\ud800` is valid JSON; the str it decodes to is not UTF-8
+            content = content.replace('":"', '":"\\ud800', 3)
+        elif fault == "deep":  # a hostile server: no max_tokens clamp
+            content = '{"exchanges":' + "[" * 100_000 + "]" * 100_000 + "}"
+            tokens, finish = 64, "stop"
 
         try:
             if fault == "stall":

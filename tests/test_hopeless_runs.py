@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 from fake_vllm import SimProcess
 from test_daemon import daemon, post, wait_for
 
@@ -54,6 +55,24 @@ def test_every_answer_malformed_ends_the_build(tmp_path: Path) -> None:
     assert took < 120, took
     # Default max_without_accept is 300; what was in flight when it opened adds a little.
     assert requests < 300 + 2 * 32 + 10, requests
+
+
+@pytest.mark.parametrize("fault", ["surrogate", "deep"])
+def test_every_answer_hostile_json_ends_the_build(tmp_path: Path, fault: str) -> None:
+    """Lone surrogates in every string, or an array 100,000 deep: each answer is one
+    counted rejection (no traceback, no crash), and the breaker ends the run."""
+    with SimProcess("--profile", "stress", "--fault", f"{fault}=1") as sim:
+        proc = build(tmp_path / "out", sim.base_url, "--count", "5")
+        requests = sim.stats()["requests_received"]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = error_lines(proc)
+    assert "answers in a row were rejected" in line, line
+    assert requests < 300 + 2 * 32 + 10, requests
+    manifest = orjson.loads((tmp_path / "out" / "manifest.json").read_bytes())
+    assert manifest["totals"]["records"] == 0
+    # orjson refuses both (surrogates are not UTF-8; it stops at 1024 levels).
+    rejected = manifest["totals"]["rejected"]
+    assert set(rejected) == {"invalid_json"} and rejected["invalid_json"] >= 300, rejected
 
 
 def test_every_answer_a_duplicate_ends_the_build_and_keeps_the_first(tmp_path: Path) -> None:
