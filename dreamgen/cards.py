@@ -10,7 +10,7 @@ node count (aliases expanded) and its nesting, so a card cannot be a memory bomb
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
@@ -78,9 +78,10 @@ class Card(BaseModel):
 class CardSet:
     """All cards in a prompts folder, with their template environment."""
 
-    def __init__(self, cards: list[Card], root: Path) -> None:
+    def __init__(self, cards: list[Card], root: Path, extra: Sequence[Path] = ()) -> None:
         self.cards = cards
         self.root = root
+        self.extra = list(extra)  # folders of more cards; templates come from ``root`` only
         self.by_id = {c.id: c for c in cards}
         self.env = make_env(root / "templates")
         # Compile now what was just linted, so later edits on disk cannot reach this set.
@@ -92,15 +93,17 @@ class CardSet:
                     raise CardError(f"{root / 'templates' / name}: {one_line(exc)}") from exc
 
     @classmethod
-    def load(cls, root: Path = PROMPTS_DIR) -> CardSet:
-        """Load and lint every card; raises CardError listing every problem found."""
-        cards, problems = _load_cards(root)
+    def load(cls, root: Path = PROMPTS_DIR, extra: Sequence[Path] = ()) -> CardSet:
+        """Load and lint every card under ``root`` and each ``extra`` folder (cards only:
+        they add to the library, e.g. the shipped one); raises CardError listing every
+        problem found. A card id may appear once across all folders."""
+        cards, problems = _load_cards([root, *extra])
         problems += _lint_templates(root, cards)
         if problems:
             raise CardError("\n".join(problems))
         if not cards:
             raise CardError(f"{root}: no seed cards (*.yaml) found")
-        return cls(cards, root)
+        return cls(cards, root, extra)
 
     @cached_property
     def examples(self) -> list[Scenario]:
@@ -120,6 +123,10 @@ class CardSet:
         for path in sorted(self.root.rglob("*")):
             if path.suffix in (".yaml", ".yml", ".j2"):
                 h.update(path.relative_to(self.root).as_posix().encode())
+                h.update(path.read_bytes())
+        for i, folder in enumerate(self.extra):  # added cards, by position and name
+            for path in _card_files(folder):
+                h.update(f"+{i}/{path.name}".encode())
                 h.update(path.read_bytes())
         return h.hexdigest()[:16]
 
@@ -203,11 +210,18 @@ def load_card_yaml(path: Path) -> Any:
         loader.dispose()
 
 
-def _load_cards(root: Path) -> tuple[list[Card], list[str]]:
+def _card_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
+
+
+def _load_cards(roots: Sequence[Path]) -> tuple[list[Card], list[str]]:
     cards: list[Card] = []
     problems: list[str] = []
     seen: dict[str, Path] = {}
-    for path in sorted(root.glob("*.yaml")) + sorted(root.glob("*.yml")):
+    missing = [f"{r}: no such folder of cards" for r in roots if not r.is_dir()]
+    if missing:
+        return [], missing
+    for path in [p for root in roots for p in _card_files(root)]:
         try:
             data = load_card_yaml(path)
         except CardError as exc:
@@ -343,9 +357,10 @@ def _try_render(env: CardSandbox, path: Path, card: Card) -> list[str]:
     return []
 
 
-def lint(root: Path = PROMPTS_DIR) -> list[str]:
-    """Every problem with the cards and templates under ``root``, one line each."""
-    cards, problems = _load_cards(root)
+def lint(root: Path = PROMPTS_DIR, extra: Sequence[Path] = ()) -> list[str]:
+    """Every problem with the cards and templates under ``root`` (and the cards of each
+    ``extra`` folder), one line each."""
+    cards, problems = _load_cards([root, *extra])
     return problems + _lint_templates(root, cards)
 
 

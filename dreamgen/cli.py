@@ -166,6 +166,14 @@ def install_signals(loop: asyncio.AbstractEventLoop, on_first: Callable[[], None
         loop.add_signal_handler(sig, handler)
 
 
+# `--cards DIR` (repeatable): more card folders, added to the library's cards.
+CardsOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--cards", help="a folder of more cards, added to the library (repeatable)"),
+]
+PromptsOpt = Annotated[Path | None, typer.Option(help="seed cards folder (default: shipped)")]
+
+
 @app.command()
 def build(
     count: Annotated[int | None, typer.Option(help="target number of records in OUT")] = None,
@@ -178,6 +186,7 @@ def build(
     prompts: Annotated[
         Path | None, typer.Option(help="seed cards folder (default: the shipped library)")
     ] = None,
+    cards: CardsOpt = None,
     evolve: Annotated[float | None, typer.Option(help="share of requests that evolve")] = None,
     undirected: Annotated[float | None, typer.Option(help="share of undirected requests")] = None,
     difficulty: Annotated[str | None, typer.Option(help="range like 1-3")] = None,
@@ -218,6 +227,7 @@ def build(
         concurrency=concurrency,
         engine="openai" if server or launch else None,
         prompts=prompts,
+        extra_cards=cards,
         **{
             "serving.launch": launch,
             "plan.seed": seed,
@@ -394,10 +404,14 @@ def report(
         fail(str(exc))
 
 
+def _card_set(prompts: Path | None, cards: list[Path] | None) -> CardSet:
+    return CardSet.load(prompts or Config().prompts, cards or ())
+
+
 @cards_app.command("list")
-def cards_list(prompts: Annotated[Path | None, typer.Option()] = None) -> None:
+def cards_list(prompts: PromptsOpt = None, cards: CardsOpt = None) -> None:
     """List the seed cards."""
-    cs = CardSet.load(prompts or Config().prompts)
+    cs = _card_set(prompts, cards)
     table = Table("id", "title", "domains", "cues", "distractors")
     for c in cs.cards:
         table.add_row(
@@ -411,11 +425,11 @@ def cards_list(prompts: Annotated[Path | None, typer.Option()] = None) -> None:
 
 
 @cards_app.command("show")
-def cards_show(card_id: str, prompts: Annotated[Path | None, typer.Option()] = None) -> None:
+def cards_show(card_id: str, prompts: PromptsOpt = None, cards: CardsOpt = None) -> None:
     """Show one card as YAML."""
     import yaml
 
-    cs = CardSet.load(prompts or Config().prompts)
+    cs = _card_set(prompts, cards)
     if card_id not in cs.by_id:
         fail(f"no card {card_id!r}; cards: {', '.join(cs.by_id)}")
     out.print(
@@ -424,15 +438,14 @@ def cards_show(card_id: str, prompts: Annotated[Path | None, typer.Option()] = N
 
 
 @cards_app.command("check")
-def cards_check(prompts: Annotated[Path | None, typer.Option()] = None) -> None:
+def cards_check(prompts: PromptsOpt = None, cards: CardsOpt = None) -> None:
     """Lint every card and template; one line per problem, non-zero exit if any."""
-    root = prompts or Config().prompts
-    problems = lint(root)
+    problems = lint(prompts or Config().prompts, cards or ())
     for p in problems:
         out.print(p, highlight=False, soft_wrap=True)
     if problems:
         raise typer.Exit(1)
-    out.print(f"{len(CardSet.load(root).cards)} cards OK")
+    out.print(f"{len(_card_set(prompts, cards).cards)} cards OK")
 
 
 @app.command()

@@ -251,6 +251,11 @@ class Config(_Section):
         # The real default is absolute (found from any cwd); keep the published schema portable.
         json_schema_extra={"default": "dreamgen/prompts"},
     )
+    extra_cards: list[Path] = Field(
+        [],
+        description="more seed-card folders, added to the cards of `prompts` "
+        "(templates always come from `prompts`)",
+    )
     sampling: SamplingConfig = SamplingConfig()
     plan: PlanConfig = PlanConfig()
     store: StoreConfig = StoreConfig()

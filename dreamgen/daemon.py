@@ -39,7 +39,9 @@ from dreamgen.store import StoreError
 log = logging.getLogger("dreamgen.daemon")
 
 # Fields a SIGHUP may change; any other change needs a restart (and is refused).
-RELOADABLE = {"count", "concurrency", "sampling", "plan", "prompts", "store", "daemon.log_level"}
+RELOADABLE = {
+    "count", "concurrency", "sampling", "plan", "prompts", "extra_cards", "store", "daemon.log_level"
+}  # fmt: skip
 STATUS_EVERY_S = 60.0
 STORE_CHECK_EVERY_S = 10.0
 
@@ -264,7 +266,7 @@ class Daemon:
                 raise ConfigError(
                     f"{', '.join(fixed)} cannot change while running (restart the daemon)"
                 )
-            cards = CardSet.load(new.prompts)
+            cards = CardSet.load(new.prompts, new.extra_cards)
             self.run.reload(new, cards)
         except (ConfigError, CardError, ValueError, OSError) as exc:
             reason = str(exc).replace("\n", "; ")

@@ -63,7 +63,7 @@ class Run:
         self.on_record = on_record
         self.on_progress = on_progress
         self.hold = hold  # backpressure: while it returns True, no new requests are issued
-        self.cards = CardSet.load(config.prompts)
+        self.cards = CardSet.load(config.prompts, config.extra_cards)
         try:  # before the store: a plan that admits no request must not touch OUT
             self.planner = Planner(self.cards, config.plan, config.count)
         except ValueError as exc:

@@ -115,7 +115,7 @@ def preview(
     config: Config, count: int, console: Console, *, card: str | None = None, attempts: int = 12
 ) -> list[Record]:
     """Generate up to ``count`` scenarios (at most ``attempts`` calls), print them, return them."""
-    cards = CardSet.load(config.prompts)
+    cards = CardSet.load(config.prompts, config.extra_cards)
     if card is not None:
         if card not in cards.by_id:
             raise PreviewError(f"no card {card!r}; cards: {', '.join(cards.by_id)}")

@@ -199,6 +199,48 @@ def test_every_problem_is_one_line(prompts: Path) -> None:
     assert str(info.value).splitlines() == lines
 
 
+# -- cards added to the library ---------------------------------------------------------
+
+
+def test_extra_folders_add_cards_to_the_shipped_library(tmp_path: Path, cards: CardSet) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    mine_card = GOOD.replace("id: essay-trim", "id: my-essay-trim")
+    (mine / "good.yaml").write_text(mine_card, encoding="utf-8")
+    both = CardSet.load(PROMPTS_DIR, [mine])
+    assert [c.id for c in both.cards] == [*(c.id for c in cards.cards), "my-essay-trim"]
+    assert both.root == PROMPTS_DIR and both.fingerprint != cards.fingerprint
+    (mine / "good.yaml").write_text(mine_card.replace("Trim", "Shorten"), encoding="utf-8")
+    assert CardSet.load(PROMPTS_DIR, [mine]).fingerprint != both.fingerprint  # edits count
+    listed = runner.invoke(app, ["cards", "list", "--cards", str(mine)])
+    assert listed.exit_code == 0 and "my-essay-trim" in listed.output, listed.output
+    checked = runner.invoke(app, ["cards", "check", "--cards", str(mine)])
+    assert checked.exit_code == 0, checked.output
+    assert f"{len(cards.cards) + 1} cards OK" in checked.output
+    from dreamgen.config import Config
+    from dreamgen.pipeline import Run
+
+    run = Run(Config(extra_cards=[mine], out=tmp_path / "out", count=1))
+    assert "my-essay-trim" in run.cards.by_id
+
+
+def test_an_added_card_may_not_reuse_an_id(tmp_path: Path, cards: CardSet) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    taken = cards.cards[0].id
+    (mine / "again.yaml").write_text(GOOD.replace("id: essay-trim", f"id: {taken}"))
+    (line,) = lint(PROMPTS_DIR, [mine])
+    assert f"duplicate card id {taken!r}" in line and str(mine / "again.yaml") in line
+    with pytest.raises(CardError, match="duplicate card id"):
+        CardSet.load(PROMPTS_DIR, [mine])
+
+
+def test_a_missing_card_folder_is_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["cards", "check", "--cards", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"{tmp_path / 'nope'}: no such folder of cards"
+
+
 def test_missing_template(prompts: Path) -> None:
     (prompts / "templates" / "undirected.j2").unlink()
     (line,) = check(prompts)
