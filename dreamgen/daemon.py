@@ -40,7 +40,8 @@ log = logging.getLogger("dreamgen.daemon")
 
 # Fields a SIGHUP may change; any other change needs a restart (and is refused).
 RELOADABLE = {
-    "count", "concurrency", "sampling", "plan", "prompts", "extra_cards", "store", "daemon.log_level"
+    "count", "concurrency", "sampling", "plan", "prompts", "extra_cards", "store",
+    "daemon.log_level",
 }  # fmt: skip
 STATUS_EVERY_S = 60.0
 STORE_CHECK_EVERY_S = 10.0
