@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from dreamgen.cards import CardSet
 from dreamgen.engines import EmbeddedServer
@@ -14,6 +15,11 @@ from dreamgen.scenario import Scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so bench/ can import tests.fake_vllm (the simulated vLLM server)
+
+# Property tests check what holds, not how fast: on a loaded 2-core CI box hypothesis's
+# 200 ms deadline and its too-slow health check fail tests that are correct.
+settings.register_profile("dreamgen", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("dreamgen")
 
 
 @pytest.fixture(scope="session")

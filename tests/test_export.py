@@ -324,3 +324,21 @@ def test_trl_dpo_runs_on_the_export(smollm2, source: Path, tmp_path: Path) -> No
     assert abs(logs[0]["loss"] - 0.6931) < 0.01
     changed = _changed(model, before)
     assert changed and all("q_proj" in n for n in changed)
+
+
+def test_the_readme_trl_recipe_runs_as_written(source: Path, tmp_path: Path) -> None:
+    """The README's TRL block, verbatim, in a fresh interpreter beside two exports."""
+    pytest.importorskip("trl")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    after = readme.split("TRL, as tested", 1)[1]
+    recipe = after.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "SFTTrainer(" in recipe and "DPOTrainer(" in recipe
+    export(source, "trl-sft", tmp_path / "exports" / "sft")
+    export(source, "trl-dpo", tmp_path / "exports" / "dpo")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-c", recipe],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train_runtime" in proc.stdout + proc.stderr
