@@ -33,6 +33,27 @@ def scenario(cards: CardSet) -> Scenario:
     return cards.examples[0].model_copy(deep=True)
 
 
+# `make demo`'s build, shortened: the embedded model keeps ~5% of its answers, so each
+# record costs minutes on two cores (the full 20-record demo is measured by hand).
+DEMO_COUNT = 3
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One real `dreamgen build` on the embedded model (seed 0, ``DEMO_COUNT`` records)
+    that several tests read: its OUT folder and its stdout. Fails the tests that use it
+    when the build fails."""
+    from cli import dreamgen
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    proc = dreamgen(
+        "build", "--count", str(DEMO_COUNT), "--seed", "0", "--quiet", "--out", str(out),
+        timeout=3000,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
 @pytest.fixture(scope="session")
 def embedded_url() -> Iterator[str]:
     """The real embedded llama.cpp server with SmolLM2, shared by the session's tests."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import orjson
 from cli import dreamgen, one_error_line
+from conftest import DEMO_COUNT
 from fake_vllm import SimProcess
 
 from dreamgen.audit import audit
@@ -24,25 +25,22 @@ def records(out: Path) -> list[Record]:
     return [Record.model_validate_json(line) for line in lines.splitlines()]
 
 
-def test_build_on_the_embedded_model_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    proc = dreamgen(
-        "build", "--count", "2", "--out", str(out), "--seed", "1", "--quiet", timeout=1500
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "build summary" in proc.stdout and "accepted_tokens_per_s" in proc.stdout
+def test_build_on_the_embedded_model_end_to_end(demo_build: tuple[Path, str]) -> None:
+    out, stdout = demo_build
+    assert "build summary" in stdout and "accepted_tokens_per_s" in stdout
     got = records(out)
-    assert len(got) == 2
+    assert len(got) == DEMO_COUNT
     for r in got:
         assert r.provenance.engine == "embedded" and r.provenance.model == "SmolLM2-135M-Instruct"
         for sp in r.cues + r.distractors:
             assert r.content_of(sp.message)[sp.start : sp.end] == sp.text
     valid, problems = audit(out)
-    assert (valid, problems) == (2, [])
+    assert (valid, problems) == (DEMO_COUNT, [])
     check = dreamgen("validate", str(out))
-    assert check.returncode == 0 and "2 valid records, 0 problems" in check.stdout
+    assert check.returncode == 0, check.stdout
+    assert f"{DEMO_COUNT} valid records, 0 problems" in check.stdout
     manifest = orjson.loads((out / "manifest.json").read_bytes())
-    assert manifest["records"] == 2 and manifest["totals"]["completion_tokens"] > 0
+    assert manifest["records"] == DEMO_COUNT and manifest["totals"]["completion_tokens"] > 0
 
 
 def test_unreachable_server(tmp_path: Path) -> None:

@@ -8,12 +8,11 @@ and checks them with a separate, naive overlap count written for the test.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 import pytest
+from conftest import DEMO_COUNT
 
 import dreamgen
 from dreamgen import stages
@@ -216,10 +215,6 @@ def test_copied_prompt_is_a_known_reason() -> None:
 # -- a real build ---------------------------------------------------------------------------
 
 WORDS = re.compile(r"[a-z0-9']+")
-# `make demo`'s build, shortened: the embedded model keeps ~5% of its answers, so each
-# record costs minutes on two cores (the full 20-record demo is measured by hand).
-DEMO_COUNT = 3
-DEMO_ARGS = ("--count", str(DEMO_COUNT), "--seed", "0", "--quiet")
 
 
 def _grams(text: str, n: int = 6) -> set[tuple[str, ...]]:
@@ -234,20 +229,12 @@ def _naive_share(texts: list[str], shown: set[tuple[str, ...]]) -> float:
 
 @pytest.mark.slow
 def test_a_demo_build_has_no_record_above_the_copy_threshold(
-    tmp_path: Path, cards: CardSet
+    demo_build: tuple[Path, str], cards: CardSet
 ) -> None:
     """`make demo`'s build (embedded SmolLM2, seed 0, shortened): no accepted record
     shares more than 30% of its 6-grams with any worked example in the library (stricter
     than the filter, which knows which one was shown)."""
-    out = tmp_path / "demo"
-    proc = subprocess.run(
-        [sys.executable, "-m", "dreamgen", "build", *DEMO_ARGS, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=3000,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    out, _ = demo_build
     records = list(dreamgen.read(out))
     assert len(records) == DEMO_COUNT
     examples: set[tuple[str, ...]] = set()
