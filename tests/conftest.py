@@ -35,7 +35,7 @@ def scenario(cards: CardSet) -> Scenario:
 
 # `make demo`'s build, shortened: the embedded model keeps ~5% of its answers, so each
 # record costs minutes on two cores (the full 20-record demo is measured by hand).
-DEMO_COUNT = 3
+DEMO_COUNT = 2
 
 
 @pytest.fixture(scope="session")
