@@ -126,13 +126,14 @@ def test_a_sigkilled_driver_resumes_to_a_complete_clean_store(cluster: str, tmp_
 
 
 @pytest.mark.slow
-def test_two_workers_on_the_embedded_engine_write_valid_records(
+def test_a_worker_on_the_embedded_engine_writes_valid_records(
     cluster: str, tmp_path: Path
 ) -> None:
-    # One record: each worker loads its own SmolLM2 on the same two cores, and the small
-    # model's yield is a few per cent, so every extra record costs minutes.
+    # One worker, one record: the small model keeps a few per cent of its answers, and a
+    # second worker's llama.cpp would share the same two cores (measured: two workers took
+    # over 10 minutes for one record). Several workers are tested on the simulated server.
     out = tmp_path / "out"
-    cmd = _build(out, cluster, "--workers", "2", "--count", "1")
+    cmd = _build(out, cluster, "--workers", "1", "--count", "1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     _clean(out, 1)
