@@ -73,6 +73,8 @@ def _core(text: str, start: int, end: int, code: bool) -> tuple[int, int]:
     marker = _LIST_MARKER.match(text, s, e)
     if marker is not None and marker.end() < e:
         s = marker.end()
+        while s < e and text[s].isspace():  # the marker takes spaces and tabs, not all blanks
+            s += 1
     while e > s and (text[e - 1] in _TRAIL or text[e - 1].isspace()):
         e -= 1
     return (s, e) if s < e else (start, start)

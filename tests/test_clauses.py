@@ -114,3 +114,12 @@ def test_a_long_run_without_punctuation_is_cut_at_spaces() -> None:
     segments = split_clauses(text, max_len=100)
     assert all(c.end - c.start <= 100 for c in segments)
     assert all(text[c.end - 1] == " " for c in segments[:-1])  # never inside a word
+
+
+def test_a_list_marker_followed_by_other_blanks_leaves_a_clean_core() -> None:
+    # Found by hypothesis: the marker regex takes spaces and tabs, so a no-break space
+    # after "- " was left at the start of the core.
+    text = ".  - \xa0. "
+    for c in split_clauses(text, max_len=5):
+        core = core_text(text, c)
+        assert core == core.strip(), (c, core)
