@@ -152,6 +152,9 @@ def _bars(plt: Any, path: Path, title: str, series: list[tuple[str, Counter[Any]
         ax.set_title(label, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("records")
+        if not any(counts.values()):  # say so, rather than draw empty axes around zero
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -257,7 +257,7 @@ def record_page(
         f"<th>offsets</th><th>text</th></tr>{spans}</table>"
         f"<div class='pair'><div><h3>provenance</h3>{_kv(prov.items())}"
         f"<h4>sampling</h4>{_kv(sampling.items())}</div>"
-        f"<div><h3>quality</h3>{_kv(record.quality.model_dump().items())}</div></div>"
+        f"<div><h3>quality</h3>{_kv(_quality(record))}</div></div>"
     )
     return page(f"record {record.id[:12]}", body)
 
@@ -331,3 +331,12 @@ def coverage_page(coverage: Sequence[dict[str, Any]], notes: Sequence[str]) -> s
     )
     body = banners(notes) + "<h2>coverage (filled / quota)</h2>" + "".join(tables) + more
     return page("coverage", body, refresh_s=10)
+
+
+def _quality(record: Record) -> list[tuple[str, Any]]:
+    """The record's quality fields; a record nobody judged shows no judge scores (its
+    ``judge_*`` fields hold defaults, not a judge's zeros)."""
+    fields = record.quality.model_dump()
+    if not fields.get("judged"):
+        fields = {k: v for k, v in fields.items() if not k.startswith("judge_")}
+    return list(fields.items())

@@ -183,3 +183,16 @@ def test_search_terms_and_judge_scores() -> None:
     assert judge_scores(q) == {"judge_coherence": 4.0}
     assert judge_scores({**q, "judged": False}) is None  # defaults of an unjudged record
     assert judge_scores({"judge_agree": True, "pair_of": ""}) is None
+
+
+def test_an_unjudged_record_shows_no_judge_scores() -> None:
+    from dreamgen.viewpages import record_page
+
+    rec = recs(1)[0]
+    page = record_page(rec, known=set(), children=[], pairs=[])
+    assert "copy_share" in page and "judge_coherence" not in page  # defaults, not zeros
+    judged = rec.model_copy(
+        update={"quality": rec.quality.model_copy(update={"judged": True, "judge_coherence": 4})}
+    )
+    page = record_page(judged, known=set(), children=[], pairs=[])
+    assert "<th>judge_coherence</th><td>4</td>" in page
