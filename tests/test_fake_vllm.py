@@ -7,6 +7,7 @@ take seconds and do not depend on the machine's speed.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import sys
 import time
@@ -331,6 +332,16 @@ async def test_each_fault_kind_reaches_the_client() -> None:
         orjson.loads(d["choices"][0]["message"]["content"])
         with pytest.raises(ValidationError):
             Scenario.model_validate_json(d["choices"][0]["message"]["content"])
+
+        _, _, d = await forced("surrogate")  # valid JSON; the strings it holds are not UTF-8
+        text = json.loads(d["choices"][0]["message"]["content"])["opening"]
+        assert text.startswith("\ud800")
+        with pytest.raises(orjson.JSONDecodeError):
+            orjson.loads(d["choices"][0]["message"]["content"])
+
+        _, _, d = await forced("deep")
+        content = d["choices"][0]["message"]["content"]
+        assert content.count("[") == 100_000 and d["choices"][0]["finish_reason"] == "stop"
 
         async with s.get(sim.url + "/sim/stats") as r:
             stats = await r.json()
