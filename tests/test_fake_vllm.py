@@ -79,10 +79,12 @@ async def scrape(s: aiohttp.ClientSession, sim: VLLMSim) -> dict[str, float]:
 
 async def _load(
     s: aiohttp.ClientSession, sim: VLLMSim, workers: int, seconds: float, max_tokens: int
-) -> int:
-    """Closed-loop load; returns completion tokens received."""
+) -> float:
+    """Closed-loop load; returns completion tokens received per second, over the time until
+    its last request came back (requests sent before the deadline finish after it)."""
     got = 0
-    deadline = time.monotonic() + seconds
+    start = time.monotonic()
+    deadline = start + seconds
 
     async def worker() -> None:
         nonlocal got
@@ -91,7 +93,7 @@ async def _load(
             got += d["usage"]["completion_tokens"]
 
     await asyncio.gather(*(worker() for _ in range(workers)))
-    return got
+    return got / (time.monotonic() - start)
 
 
 async def test_capacity_is_shared_between_loads() -> None:
@@ -101,10 +103,14 @@ async def test_capacity_is_shared_between_loads() -> None:
             _load(s, sim, workers=8, seconds=1.0, max_tokens=8),
             _load(s, sim, workers=8, seconds=1.0, max_tokens=8),
         )
-    # One load that fills the slots gets close to capacity; two share it about evenly.
-    assert 0.6 < solo / sim.capacity_tok_s() < 1.05
-    assert 0.35 < a / solo < 0.65 and 0.35 < b / solo < 0.65
-    assert 0.8 < (a + b) / solo < 1.2
+    # One load that fills the slots gets close to capacity; two share it: together they
+    # stay within it, each with a fair part. (Not "together about what one got": with its
+    # clients slowed by a busy box one load leaves slots idle that two keep full.) Rates,
+    # not token totals: requests sent before the deadline finish after it.
+    cap = sim.capacity_tok_s()
+    assert 0.6 < solo / cap < 1.05
+    assert 0.6 < (a + b) / cap < 1.05
+    assert 0.3 < a / (a + b) < 0.7
 
 
 async def test_requests_beyond_slots_wait_fifo_and_metrics_show_it() -> None:
