@@ -171,7 +171,9 @@ CardsOpt = Annotated[
     list[Path] | None,
     typer.Option("--cards", help="a folder of more cards, added to the library (repeatable)"),
 ]
-PromptsOpt = Annotated[Path | None, typer.Option(help="seed cards folder (default: shipped)")]
+PromptsOpt = Annotated[
+    Path | None, typer.Option(help="seed cards folder (default: the shipped library)")
+]
 
 
 @app.command()
@@ -183,9 +185,7 @@ def build(
     model: Annotated[str | None, typer.Option(help="served model name")] = None,
     concurrency: Annotated[int | None, typer.Option(help="requests in flight")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
-    prompts: Annotated[
-        Path | None, typer.Option(help="seed cards folder (default: the shipped library)")
-    ] = None,
+    prompts: PromptsOpt = None,
     cards: CardsOpt = None,
     evolve: Annotated[float | None, typer.Option(help="share of requests that evolve")] = None,
     undirected: Annotated[float | None, typer.Option(help="share of undirected requests")] = None,

@@ -153,8 +153,10 @@ class Run:
     def _no_room(self, record: Record) -> bool:
         """The target is met, or the share of it for ``record``'s mode is (an over-asked
         record of the other mode landed first)."""
+        if self.reached:
+            return True
         pending = [request.mode for request, _ in self.pending.values()]
-        return self.reached or not self.planner.has_room(record, pending)
+        return not self.planner.has_room(record, pending)
 
     def stop(self, reason: str = "signal") -> None:
         """Stop issuing requests; in-flight ones finish (see ``run``'s grace)."""

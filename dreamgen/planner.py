@@ -215,10 +215,10 @@ class Planner:
             return hi
         if self.target:
             n = max(1, self.target - (self.undirected_quota or 0))
-            progress = sum(self.filled[c] for c in self.cells) / n
+            progress = self._directed_filled() / n
         else:
             # No target: open a level per 100 accepted records.
-            progress = sum(self.filled[c] for c in self.cells) / (100 * (hi - lo + 1))
+            progress = self._directed_filled() / (100 * (hi - lo + 1))
         return min(hi, lo + int(progress * (hi - lo + 1)))
 
     def _pick_cell(self) -> Cell:
@@ -266,20 +266,24 @@ class Planner:
         """A request failed: it frees its cell and counts for nothing."""
         self._release(request)
 
+    def _directed_filled(self) -> int:
+        """Directed and evolved records accepted so far (the cells; undirected apart)."""
+        return sum(self.filled[c] for c in self.cells)
+
     def has_room(self, record: Record, pending: Sequence[str]) -> bool:
         """Whether the target still has room for ``record``'s side (undirected, or directed
         and evolved), counting records accepted but not yet durable (``pending``: their
         modes). Over-asking may land more of one side than its share; the surplus is
         dropped, so a small target keeps its composition. No target: always room."""
-        uq = self.undirected_quota
-        if self.target is None or uq is None or record.mode == "minimal_pair":
+        uq = self.undirected_quota  # None exactly when there is no target
+        if uq is None or record.mode == "minimal_pair":
             return True
         if record.mode == "undirected":
             have = self.filled[UNDIRECTED] + pending.count("undirected")
             return have < uq
-        have = sum(self.filled[c] for c in self.cells)
+        have = self._directed_filled()
         have += sum(1 for mode in pending if mode not in ("undirected", "minimal_pair"))
-        return have < self.target - uq
+        return have < (self.target or 0) - uq
 
     def observe(self, record: Record) -> None:
         """Count a record already in the store (used on resume and for accepted records).

@@ -19,20 +19,22 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from datasketch import MinHash
 
 from dreamgen import copies, dedup, filters, judge, pairs
 from dreamgen.copies import CopyIndex
 from dreamgen.dedup import Dedup, conversation_text
-from dreamgen.engines.base import Completion, Engine
 from dreamgen.pairs import PairKind
 from dreamgen.record import Record, Split, split_for
 from dreamgen.request import Request
 from dreamgen.store import Store
 from dreamgen.validate import Reason as ValidateReason
 from dreamgen.validate import Rejected, validate
+
+if TYPE_CHECKING:  # the record path needs no engine code at import (aiohttp is heavy)
+    from dreamgen.engines.base import Completion, Engine
 
 
 class RunReason(StrEnum):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli import dreamgen
 from hypothesis import HealthCheck, settings
 
 from dreamgen.cards import CardSet
@@ -43,8 +44,6 @@ def demo_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """One real `dreamgen build` on the embedded model (seed 0, ``DEMO_COUNT`` records)
     that several tests read: its OUT folder and its stdout. Fails the tests that use it
     when the build fails."""
-    from cli import dreamgen
-
     out = tmp_path_factory.mktemp("demo") / "demo"
     proc = dreamgen(
         "build", "--count", str(DEMO_COUNT), "--seed", "0", "--quiet", "--out", str(out),
