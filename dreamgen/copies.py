@@ -21,8 +21,8 @@ rejects the record (``copied_prompt``); the higher share is kept in
 What is left out, on purpose: an evolved request also shows its parent, and a child
 rightly keeps much of it (dedup bounds how close it may come).
 
-Gram sets are built once per card, per example and per (card, example) pair; a record
-costs one tokenisation and one set lookup per n-gram (see ``bench/run.py``'s stage times).
+Gram sets are built once, at start; a record costs one tokenisation and one table lookup
+per n-gram (see ``bench/run.py``'s stage times).
 """
 
 from __future__ import annotations
@@ -40,10 +40,7 @@ from dreamgen.scenario import Scenario
 
 Gram = tuple[str, ...]
 Grams = frozenset[Gram]
-Kinds = dict[Gram, int]
 EMPTY: Grams = frozenset()
-SHOWN, OWN = 1, 2  # a gram the prompt showed; one only in the card's own situation
-MAX_PAIRS = 10_000  # cached (card, example) source pairs; ids from outside the library too
 
 
 class Reason(StrEnum):
@@ -52,17 +49,18 @@ class Reason(StrEnum):
     copied_prompt = "copied_prompt"  # too much of it is copied from what the prompt showed
 
 
-# Everything but letters, digits and the apostrophe separates words. str.translate and
+# Everything but letters, digits, the apostrophe and NUL separates words. str.translate and
 # str.split run in C, several times faster than a regex (the hot path); both sides of the
 # comparison use the same tokenisation, which is all that matters here.
+_SEP = "\x00"  # joins the texts of one part; a word of its own, in no gram, so no gram spans it
 _SEPARATORS = str.maketrans(
     dict.fromkeys(
-        [chr(c) for c in range(128) if not (chr(c).isalnum() or chr(c) == "'")]
+        [chr(c) for c in range(1, 128) if not (chr(c).isalnum() or chr(c) == "'")]
         + list("\u2018\u2019\u201c\u201d\u2013\u2014\u2026\u00a0"),
         " ",
     )
 )
-_SEP = "\x00"  # joins the word lists of several texts; in no gram set, so no gram spans it
+_JOIN = f" {_SEP} "
 
 
 def words(text: str) -> list[str]:
@@ -110,7 +108,13 @@ def situation_texts(card: Card) -> list[str]:
 
 
 class CopyIndex:
-    """Precomputed gram sets of everything a request can show, and the per-record measure."""
+    """Precomputed gram sets of everything a request can show, and the per-record measure.
+
+    One table maps each gram to a bit mask of the sources that hold it: bit 0 the
+    instructions, one bit per worked example, one per card's situation. A request only
+    picks its bits, so nothing is built per request or per (card, example) pair; a record
+    costs one tokenisation and one lookup per n-gram, all in C but for the hits.
+    """
 
     def __init__(self, cards: CardSet, config: CopyConfig) -> None:
         self.config = config
@@ -119,62 +123,72 @@ class CopyIndex:
         self.examples = {
             eid: ngrams(example_texts(ex), n) for eid, ex in cards.examples_by_id.items()
         }
+        self.situations = {c.id: ngrams(situation_texts(c), n) for c in cards.cards}
+        table: dict[Gram, int] = dict.fromkeys(self.instructions, 1)
+        self._example_bits: dict[str, int] = {}
+        self._card_bits: dict[str, int] = {}
+        bit = 2
+        for bits, sources in (
+            (self._example_bits, self.examples),
+            (self._card_bits, self.situations),
+        ):
+            for key, grams in sources.items():
+                bits[key] = bit
+                for g in grams:
+                    table[g] = table.get(g, 0) | bit
+                bit <<= 1
+        self._table = table
         # An example id this library does not know (an answer replayed under other cards):
         # compare with every example, the strict side.
-        self.any_example = frozenset().union(*self.examples.values())
-        self.situations = {c.id: ngrams(situation_texts(c), n) for c in cards.cards}
-        # (card, example) -> every gram the request showed: SHOWN (counted in full) or OWN
-        # (the card's situation only: counted beyond the allowance).
-        self._pairs: dict[tuple[str, str], Kinds] = {}
+        self._any_example = sum(self._example_bits.values())
 
-    def sources(self, request: Request) -> Kinds:
-        """What ``request`` showed, as one lookup table: each gram is ``SHOWN`` (the
-        instructions and the example) or ``OWN`` (only in the card's situation)."""
-        key = (request.card, request.example)
-        hit = self._pairs.get(key)
-        if hit is not None:
-            return hit
-        if request.example == "":
-            example = EMPTY
-        else:
-            example = self.examples.get(request.example, self.any_example)
-        shown = self.instructions | example
-        kinds = dict.fromkeys(self.situations.get(request.card, EMPTY) - shown, OWN)
-        kinds.update(dict.fromkeys(shown, SHOWN))
-        if len(self._pairs) < MAX_PAIRS:  # the library bounds it (cards × examples)
-            self._pairs[key] = kinds
-        return kinds
+    def masks(self, request: Request) -> tuple[int, int]:
+        """The bits of what ``request`` showed in full (the instructions and its example),
+        and of what it showed with an allowance (its card's situation)."""
+        example = 0
+        if request.example:
+            example = self._example_bits.get(request.example, self._any_example)
+        return 1 | example, self._card_bits.get(request.card, 0)
 
-    def _grams(self, texts: Sequence[str]) -> tuple[list[Gram], int]:
-        """The n-grams of ``texts`` joined, and how many lie within a single text."""
+    def _words(self, texts: Sequence[str]) -> tuple[list[str], int]:
+        """The words of ``texts`` joined by a separator word, and how many n-gram positions
+        lie within a single text (none that span two)."""
         n = self.config.ngram
-        joined: list[str] = []
-        total = 0  # n-gram positions within the texts (none that span two)
-        for text in texts:
-            ws = words(text)
-            total += max(0, len(ws) - n + 1)
-            joined += ws
-            joined.append(_SEP)
-        # zip over shifted lists makes the n-gram tuples in C; a gram spanning _SEP is in
-        # no set, so it finds nothing.
-        return list(zip(*(joined[k:] for k in range(n)), strict=False)), total
+        ws = _JOIN.join(texts).lower().translate(_SEPARATORS).split()
+        total, start, end = 0, 0, 0
+        while end < len(ws):
+            try:
+                end = ws.index(_SEP, start)
+            except ValueError:
+                end = len(ws)
+            total += max(0, end - start - n + 1)
+            start = end + 1
+        return ws, total
 
-    def share(self, texts: Sequence[str], kinds: Kinds) -> float:
-        """The copied share of one part: n-gram positions that are ``SHOWN``, plus those
-        that are ``OWN`` beyond the allowance, over all n-gram positions of ``texts``."""
-        grams, total = self._grams(texts)
+    def _grams(self, ws: list[str]) -> Iterable[Gram]:
+        # zip over shifted lists makes the n-gram tuples in C; a gram spanning _SEP is in
+        # no source, so it finds nothing.
+        return zip(*(ws[k:] for k in range(self.config.ngram)), strict=False)
+
+    def share(self, texts: Sequence[str], shown: int, own: int) -> float:
+        """The copied share of one part: n-gram positions held by a ``shown`` source, plus
+        those held only by an ``own`` one beyond the allowance, over all n-gram positions."""
+        ws, total = self._words(texts)
         if total == 0:
             return 0.0
-        # One hash and lookup per n-gram, counted in C: this is the hot path.
-        found = list(map(kinds.get, grams))
-        extra = max(0.0, found.count(OWN) - self.config.situation_allowance * total)
-        return (found.count(SHOWN) + extra) / total
+        copied = extra = 0
+        for mask in filter(None, map(self._table.get, self._grams(ws))):
+            if mask & shown:
+                copied += 1
+            elif mask & own:
+                extra += 1
+        return (copied + max(0.0, extra - self.config.situation_allowance * total)) / total
 
     def measure(self, record: Record, request: Request) -> tuple[float, str]:
         """The higher copied share of the record's two parts, and which part it is."""
-        kinds = self.sources(request)
-        conversation = self.share([m.content for m in record.messages], kinds)
-        responses = self.share([record.target.content, record.contrast.content], kinds)
+        shown, own = self.masks(request)
+        conversation = self.share([m.content for m in record.messages], shown, own)
+        responses = self.share([record.target.content, record.contrast.content], shown, own)
         if responses > conversation:
             return responses, "responses"
         return conversation, "conversation"
@@ -186,10 +200,12 @@ class CopyIndex:
             if part == "conversation"
             else [record.target.content, record.contrast.content]
         )
-        grams, _ = self._grams(texts)
+        grams = list(self._grams(self._words(texts)[0]))
         candidates: list[tuple[str, Grams]] = [("the instructions", self.instructions)]
         if request.example:
-            example = self.examples.get(request.example, self.any_example)
+            example = self.examples.get(request.example)
+            if example is None:
+                example = frozenset().union(*self.examples.values())
             candidates.append((f"the worked example {request.example}", example))
         if request.card in self.situations:
             candidates.append((f"card {request.card}'s situation", self.situations[request.card]))
