@@ -34,6 +34,7 @@ from enum import StrEnum
 from dreamgen import segments
 from dreamgen.cards import Card, CardSet
 from dreamgen.config import CopyConfig
+from dreamgen.evolution import OPERATORS
 from dreamgen.record import Record
 from dreamgen.request import Request
 from dreamgen.scenario import Scenario
@@ -91,7 +92,6 @@ def example_texts(example: Scenario) -> list[str]:
 
 def instruction_texts(cards: CardSet) -> list[str]:
     """The prompt text that instructs the model, as fragments that appear verbatim."""
-    from dreamgen.planner import OPERATORS
     from dreamgen.taxonomy import DESCRIPTIONS, DIFFICULTY
 
     texts = [*DESCRIPTIONS.values(), *DIFFICULTY.values(), *OPERATORS.values()]

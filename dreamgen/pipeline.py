@@ -169,8 +169,11 @@ class Run:
             self.fatal = exc
         self._wakeup.set()
 
+    def _stopped(self) -> bool:
+        return self.stop_event.is_set() or self.fatal is not None
+
     def _done(self) -> bool:
-        return self.reached or self.stop_event.is_set() or self.fatal is not None
+        return self.reached or self._stopped()
 
     def reload(self, config: Config, cards: CardSet) -> None:
         """Apply a reloaded config and card set without dropping in-flight work.
@@ -197,26 +200,6 @@ class Run:
             self.engine.set_concurrency(config.concurrency)
         if self.gate is not None:
             self.gate.notify()
-
-    async def _acquire(self, gate: Gate) -> bool:
-        """Wait for a slot; False if the run stops (or fails) first."""
-        while not (self.stop_event.is_set() or self.fatal is not None):
-            if gate.try_acquire():
-                return True
-            acquire = asyncio.create_task(gate.acquire())
-            wakeup = asyncio.create_task(self._wakeup.wait())
-            await asyncio.wait({acquire, wakeup}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            wakeup.cancel()
-            if not acquire.done():
-                acquire.cancel()
-                await asyncio.gather(acquire, return_exceptions=True)
-            if acquire.done() and not acquire.cancelled():
-                if self.stop_event.is_set() or self.fatal is not None:
-                    gate.release()
-                    return False
-                return True
-            self._check_outage()
-        return False
 
     def _check_outage(self) -> None:
         engine = self.engine
@@ -304,7 +287,7 @@ class Run:
                     continue
                 log.warning("yield breaker: pause over, trying again")
                 self.breaker_open = None
-            if not await self._acquire(gate):
+            if not await gate.acquire_unless(self._stopped, self._wakeup, self._check_outage):
                 break
             while self.hold is not None and self.hold() and not self.stop_event.is_set():
                 await asyncio.sleep(0.05)
@@ -319,21 +302,8 @@ class Run:
 
     def _manifest_extra(self) -> dict[str, Any]:
         s = self.summary
-        old = self.base_totals
         return {
-            "totals": {
-                "records": self.store.count,
-                "rejected": dict(sorted(s.rejected.items())),
-                "requests": old.get("requests", 0) + s.requests,
-                "prompt_tokens": old.get("prompt_tokens", 0) + s.prompt_tokens,
-                "completion_tokens": old.get("completion_tokens", 0) + s.completion_tokens,
-                "accepted_tokens": old.get("accepted_tokens", 0) + s.accepted_tokens,
-                "judge_requests": old.get("judge_requests", 0) + s.judge_requests,
-                "judge_prompt_tokens": old.get("judge_prompt_tokens", 0) + s.judge_prompt_tokens,
-                "judge_completion_tokens": (
-                    old.get("judge_completion_tokens", 0) + s.judge_completion_tokens
-                ),
-            },
+            "totals": {"records": self.store.count, **s.totals(self.base_totals)},
             "coverage": self.planner.coverage(),
             "rejected_sample": self.rejects.counts(),
             "last_run": s.as_dict(),
@@ -427,10 +397,7 @@ class Run:
             return outcome
         assert item.record is not None
         verdict = await judge.judge(item.record)
-        s = self.summary
-        s.judge_requests += 2
-        s.judge_prompt_tokens += sum(c.prompt_tokens for c in verdict.completions)
-        s.judge_completion_tokens += sum(c.completion_tokens for c in verdict.completions)
+        self.summary.add_judge(verdict.completions)
         if verdict.reason is JudgeReason.judge_error:
             self.judge_errors += 1
             log.warning("judge error: %s", verdict.message)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from dreamgen import segments
+from dreamgen import evolution
 from dreamgen.cards import Card, CardSet, example_json
 from dreamgen.config import PlanConfig
 from dreamgen.pairs import CONTRADICTIONS
@@ -48,21 +48,6 @@ UNDIRECTED: Cell = ("undirected", "*", 0)
 # Stakes values with a quota of their own (direction vs correctness); "none" is the rest.
 STAKES: tuple[str, ...] = tuple(s.value for s in Stakes if s != Stakes.none)
 
-OPERATORS: dict[str, str] = {
-    "subtler_cue": "make the user's direction subtler: shorter, less explicit, easier to miss, "
-    "but still clear to a careful reader.",
-    "stronger_distractor": "make the assistant's idea more tempting: a real benefit, a concrete "
-    "reason, argued with confidence.",
-    "add_emotion": "give the user a clear emotional undercurrent that adds pressure.",
-    "reverse_momentum": "make the earlier exchanges head the opposite way from the direction, "
-    "so the direction has to turn the conversation.",
-    "move_domain": "move the whole situation to the setting below, keeping its shape: same kind "
-    "of direction, same kind of temptation, new people and details.",
-    "lengthen_context": "add an earlier exchange, so more talk sits between the start and the "
-    "direction.",
-    "change_cue_kind": "carry the direction in the way named below instead.",
-}
-
 
 def prompt_fingerprint(cards: CardSet) -> str:
     """A hash of every text that shapes what the model is asked: the card library (files)
@@ -74,7 +59,7 @@ def prompt_fingerprint(cards: CardSet) -> str:
         "taxonomy": all_values(),
         "descriptions": DESCRIPTIONS,
         "difficulty": {str(k): v for k, v in DIFFICULTY.items()},
-        "operators": OPERATORS,
+        "operators": evolution.OPERATORS,
         "contradictions": list(CONTRADICTIONS),
     }
     return hashlib.sha256(orjson.dumps(texts, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
@@ -455,23 +440,14 @@ class Planner:
         )
 
     def _evolution(self, cell: Cell) -> Request:
-        cue, dis, d = cell
+        _, dis, d = cell
         parents = list(self.parents)
         # Prefer parents that share the cell's distractor and sit at or below its difficulty,
         # so the child is a genuine step toward this cell rather than a random rewrite.
         close = [p for p in parents if p.axes.distractor_kind == dis and p.difficulty <= d]
         parent = self.rng.choice(close or parents)
         card = self.cards.by_id.get(parent.provenance.card) or self._card_for(cell)
-        if d > parent.difficulty:
-            op = self.rng.choice(["subtler_cue", "stronger_distractor", "lengthen_context"])
-        elif cue != parent.axes.cue_kind:
-            op = "change_cue_kind"
-        else:
-            op = self.rng.choice(["add_emotion", "reverse_momentum", "move_domain"])
-        domain = None if op == "move_domain" else parent.axes.domain
-        if op == "move_domain":
-            others = [x for x in Domain if x != parent.axes.domain]
-            domain = self.rng.choice(others)
+        op, domain = evolution.pick(self.rng, parent, cell)
         # The child keeps its parent's stakes: the parent's text carries the problem.
         stakes = parent.axes.stakes if parent.axes.stakes in card.stakes_allowed else "none"
         axes = self._axes(card, cell, domain, stakes=stakes)
@@ -480,8 +456,8 @@ class Planner:
             axes.emotion = self.rng.choice([e for e in Emotion if e != Emotion.neutral])
         user = self.cards.render(
             "evolve.j2",
-            parent=_parent_text(parent),
-            operator=OPERATORS[op],
+            parent=evolution.parent_text(parent),
+            operator=evolution.OPERATORS[op],
             axes=axes,
             difficulty=d,
             difficulty_text=DIFFICULTY[d],
@@ -511,45 +487,3 @@ class Planner:
             difficulty=None,
             cell=None,
         )
-
-
-def _parent_text(parent: Record) -> str:
-    """The parent in the same JSON shape the model writes, so the rewrite stays in format.
-
-    The segments come back from the record's exact spans: the idea is the first distractor
-    in the idea turn, the cue the first cue in the decision turn. A record that does not
-    have that shape (hand-labelled data) is shown as plain turns instead.
-    """
-    msgs = parent.messages
-    idea_i, dec_i = len(msgs) - 2, len(msgs) - 1
-    idea = next((d for d in parent.distractors if d.message == idea_i), None)
-    cue = next((c for c in parent.cues if c.message == dec_i), None)
-    roles = [m.role for m in msgs]
-    shape = ["user"] + ["assistant", "user"] * ((len(msgs) - 1) // 2)
-    if idea is None or cue is None or roles != shape or len(msgs) < 3:
-        lines = [f"{m.role}: {m.content}" for m in msgs]
-        lines.append(f"assistant: {parent.target.content}")
-        return "\n".join(lines)
-    i_before, _, i_after = segments.split(msgs[idea_i].content, idea.start, idea.end)
-    d_before, _, d_after = segments.split(msgs[dec_i].content, cue.start, cue.end)
-    data = {
-        "opening": msgs[0].content,
-        "exchanges": [
-            {"assistant": msgs[i].content, "user": msgs[i + 1].content} for i in range(1, idea_i, 2)
-        ],
-        "idea_turn": {
-            "before": i_before,
-            "idea": idea.text,
-            "after": i_after,
-            "kind": idea.kind,
-        },
-        "decision_turn": {
-            "before": d_before,
-            "cue": cue.text,
-            "after": d_after,
-            "kind": cue.kind,
-        },
-        "listening": parent.target.content,
-        "reflex": parent.contrast.content,
-    }
-    return orjson.dumps(data).decode()

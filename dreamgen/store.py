@@ -54,17 +54,16 @@ from dreamgen.diskio import (
     remove_stale_temps,
 )
 from dreamgen.errors import first_error
+from dreamgen.manifest import MANIFEST, check_compatible, read_manifest
 from dreamgen.record import SCHEMA_VERSION, Record
 from dreamgen.shards import (
     OPEN_SUFFIX,
     QUARANTINE,
     SHARDS,
-    ManifestShape,
     ShardInfo,
     ShardProblem,
     closed_shards,
     is_open_shard,
-    parse_listed,
     quarantine,
     read_closed,
     recover_lines,
@@ -77,7 +76,6 @@ from dreamgen.version import __version__
 
 log = logging.getLogger("dreamgen.store")
 
-MANIFEST = "manifest.json"
 LOCK = ".lock"
 STORE_FORMAT = 1
 
@@ -158,8 +156,8 @@ class Store:
         manifest = self.out / MANIFEST
         listed: dict[str, ShardInfo] = {}
         if manifest.exists():
-            listed = self._read_manifest(manifest)
-            self._check_compatible(force)
+            self.meta, listed = read_manifest(manifest)
+            check_compatible(self.meta, self.out, self.config, self.fingerprint, force)
         # Verify everything before changing anything: nothing is truncated, renamed or
         # rewritten (the manifest least of all) while the folder may be evidence.
         for path in closed_shards(self.out):
@@ -200,24 +198,6 @@ class Store:
         # Written before any record: the fingerprint guards OUT from the first line on.
         self.write_manifest(state="running")
 
-    def _read_manifest(self, manifest: Path) -> dict[str, ShardInfo]:
-        try:
-            meta = orjson.loads(manifest.read_bytes())
-        except orjson.JSONDecodeError as exc:
-            raise StoreError(f"{manifest} is not valid JSON: {exc}") from exc
-        except OSError as exc:
-            raise StoreError(f"cannot read {manifest}: {exc.strerror or exc}") from exc
-        if not isinstance(meta, dict):
-            raise StoreError(f"{manifest} is not a dreamgen manifest (not a JSON object)")
-        listed = parse_listed(meta, manifest)
-        try:
-            checked = ManifestShape.model_validate(meta)
-        except ValidationError as exc:
-            raise StoreError(f"{manifest}: {first_error(exc, 'manifest')}") from None
-        self.meta = meta
-        self.meta.update(checked.model_dump(exclude_unset=True, exclude_none=True))
-        return listed
-
     def _verify_closed(self, path: Path, listed: ShardInfo | None) -> ShardInfo | None:
         """The verified shard, or None if ``--repair`` quarantined it."""
         try:
@@ -243,30 +223,6 @@ class Store:
                 raise disk_error(f"moving {path} to {QUARANTINE}/", exc) from exc
         log.warning("%s: %s: quarantined (%s)", path, reason, note.get("moved_to", "missing"))
         self.meta.setdefault("quarantine", []).append(note)
-
-    def _check_compatible(self, force: bool) -> None:
-        old_schema = self.meta.get("schema_version")
-        if old_schema is not None and old_schema != SCHEMA_VERSION and not force:
-            raise StoreError(
-                f"{self.out} holds records of schema version {old_schema}; this dreamgen "
-                f"writes version {SCHEMA_VERSION}; use another --out"
-            )
-        old = self.meta.get("fingerprint")
-        if not (old and self.fingerprint and old != self.fingerprint):
-            return
-        changed = _diff(self.meta.get("config", {}), self.config) or (
-            "the seed cards or prompt templates changed"
-        )
-        if not force:
-            raise StoreError(
-                f"{self.out} was built with a different config ({changed}); "
-                "use another --out, or --force to continue with the new config"
-            )
-        history = self.meta.setdefault("config_history", [])
-        history.append(
-            {"fingerprint": old, "config": self.meta.get("config"), "replaced_at": time.time()}
-        )
-        log.warning("%s: continuing with a changed config (%s)", self.out, changed)
 
     def _recover_open(
         self, path: Path, recovered: tuple[list[bytes], int], *, keep_open: bool
@@ -514,16 +470,3 @@ class Store:
                         raise StoreError(
                             f"{path}:{n}: invalid record: {first_error(exc, 'record')}"
                         ) from None
-
-
-def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
-    changes: list[str] = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            inner = _diff(a, b, f"{prefix}{key}.")
-            if inner:
-                changes.append(inner)
-        elif a != b:
-            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return "; ".join(changes)

@@ -9,7 +9,24 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from dreamgen.engines.base import Completion
+
+
+# The counters a manifest's totals add up over every run into one folder.
+TOTALS = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "accepted_tokens",
+    "judge_requests",
+    "judge_prompt_tokens",
+    "judge_completion_tokens",
+)
 
 
 @dataclass
@@ -41,6 +58,20 @@ class Summary:
     @property
     def total(self) -> int:
         return self.resumed + self.accepted
+
+    def add_judge(self, completions: Sequence[Completion]) -> None:
+        """Count one record's judge calls apart from generation: both orders are asked,
+        whether or not an answer came back (``completions``: those that did)."""
+        self.judge_requests += 2
+        self.judge_prompt_tokens += sum(c.prompt_tokens for c in completions)
+        self.judge_completion_tokens += sum(c.completion_tokens for c in completions)
+
+    def totals(self, base: dict[str, Any]) -> dict[str, Any]:
+        """The manifest's totals: ``base`` (what earlier runs counted) plus this run."""
+        out: dict[str, Any] = {"rejected": dict(sorted(self.rejected.items()))}
+        for key in TOTALS:
+            out[key] = base.get(key, 0) + getattr(self, key)
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         el = max(self.elapsed_s, 1e-9)

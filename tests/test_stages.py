@@ -7,7 +7,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from dreamgen import filters, planner, stages
+from dreamgen import evolution, filters, planner, stages
 from dreamgen.cards import CardSet
 from dreamgen.config import Config, CopyConfig, PlanConfig
 from dreamgen.copies import CopyIndex
@@ -80,5 +80,5 @@ def test_prompt_fingerprint_covers_prompt_text_held_in_code(
     monkeypatch.setitem(planner.DESCRIPTIONS, "tangent", "a different description")
     assert planner.prompt_fingerprint(cards) != before
     monkeypatch.undo()
-    monkeypatch.setitem(planner.OPERATORS, "subtler_cue", "changed")
+    monkeypatch.setitem(evolution.OPERATORS, "subtler_cue", "changed")
     assert planner.prompt_fingerprint(cards) != before

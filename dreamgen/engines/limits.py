@@ -190,3 +190,27 @@ class Gate:
     def notify(self) -> None:
         """The capacity may have grown: wake waiters to re-check."""
         self._changed.set()
+
+    async def acquire_unless(
+        self, stopped: Callable[[], bool], wakeup: asyncio.Event, waited: Callable[[], None]
+    ) -> bool:
+        """Wait for a slot; False, holding none, once ``stopped()``. It is checked whenever
+        ``wakeup`` is set and at least every second, after ``waited()`` (a caller's own
+        check, such as how long the server has been down)."""
+        while not stopped():
+            if self.try_acquire():
+                return True
+            acquire = asyncio.create_task(self.acquire())
+            woken = asyncio.create_task(wakeup.wait())
+            await asyncio.wait({acquire, woken}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+            if not acquire.done():
+                acquire.cancel()
+                await asyncio.gather(acquire, return_exceptions=True)
+            if acquire.done() and not acquire.cancelled():
+                if stopped():
+                    self.release()
+                    return False
+                return True
+            waited()
+        return False
