@@ -137,7 +137,6 @@ MODES: dict[str, Mode] = {
         fault_profiles=["8b"],
         bodies_n=600,
         warmup_latencies=1.0,
-        adaptive_profiles=["8b"],
     ),
     "full": Mode(
         "full",

@@ -132,15 +132,27 @@ class CopyConfig(_Section):
 
 
 class AdaptConfig(_Section):
-    """AIMD tuning for ``adaptive = true`` (limits are per server); see ``AdaptiveLimiter``."""
+    """Tuning for ``adaptive = true`` (limits are per server); see ``AdaptiveLimiter``."""
 
     min_concurrency: Annotated[int, Field(ge=1, le=BIG)] = Field(8, description="limit floor")
     start: POSITIVE | None = Field(None, description="default: concurrency")
-    increase: Annotated[int, Field(ge=1, le=BIG)] = Field(8, description="added per calm scrape")
-    decrease: Annotated[float, Field(gt=0, lt=1)] = Field(0.8, description="factor on overload")
-    max_waiting: Annotated[int, Field(ge=0, le=BIG)] = Field(8, description="overload queue length")
-    max_kv_usage: Annotated[float, Field(gt=0, le=1)] = Field(0.97, description="KV 'full' mark")
-    cooldown_s: GRACE = Field(5.0, description="between decreases")
+    min_waiting: Annotated[int, Field(ge=1, le=BIG)] = Field(
+        4, description="requests kept queued at a saturated server, at least"
+    )
+    headroom: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.02, description="...or this share of its running count, if more"
+    )
+    growth: Annotated[float, Field(gt=0, le=4)] = Field(
+        0.25, description="share of the limit added per scrape while nothing waits"
+    )
+    increase: Annotated[int, Field(ge=1, le=BIG)] = Field(8, description="...at least this")
+    decrease: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.8, description="factor on preemptions and 429/503"
+    )
+    max_kv_usage: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.97, description="KV 'full' mark: no growth above it"
+    )
+    cooldown_s: GRACE = Field(5.0, description="between cuts on 429/503 and preemptions")
 
 
 class ServingConfig(_Section):
@@ -243,6 +255,9 @@ class Config(_Section):
     concurrency: Annotated[int, Field(ge=1, le=BIG)] = 256
     adaptive: bool = Field(False, description="adapt concurrency to vLLM's /metrics")
     embedded_parallel: Annotated[int, Field(ge=1, le=1024)] = 4
+    embedded_threads: Annotated[int, Field(ge=1, le=1024)] | None = Field(
+        None, description="llama.cpp threads (unset: every core; a Ray worker: its worker_cpus)"
+    )
     request_timeout_s: SECONDS = 600.0
     max_attempts: Annotated[int, Field(ge=1, le=1000)] = 6
     prompts: Path = Field(

@@ -126,54 +126,28 @@ def test_a_sigkilled_driver_resumes_to_a_complete_clean_store(cluster: str, tmp_
 
 
 @pytest.mark.slow
-def test_a_worker_on_the_embedded_engine_answers_real_requests(cluster: str) -> None:
-    """The embedded llama.cpp server inside a Ray worker actor: planned requests, sent
-    through the executor the pipeline uses, come back as real SmolLM2 completions of the
-    request's schema, each either a labelled record or a named rejection.
+def test_two_workers_on_the_embedded_engine_write_valid_records(
+    cluster: str, tmp_path: Path
+) -> None:
+    """Each worker actor hosts its own llama.cpp server with as many threads as the CPUs it
+    reserves (``worker_cpus``, 1), so the two share this box's two cores. One record: the
+    small model keeps a few per cent of its answers."""
+    out = tmp_path / "out"
+    cmd = _build(out, cluster, "--workers", "2", "--count", "1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _clean(out, 1)
+    assert all(r.provenance.engine == "embedded" for r in read(out))
 
-    Not a whole build: the small model keeps a few per cent of its answers, and a worker's
-    llama.cpp shares this box's two cores (a 2-worker, 1-record build took 13 minutes
-    here); builds through Ray are tested above on the simulated server.
-    """
-    import asyncio
 
-    from dreamgen.cards import CardSet
+def test_an_embedded_worker_gets_as_many_threads_as_it_reserves_cpus() -> None:
     from dreamgen.config import Config
-    from dreamgen.engines import open_engine
-    from dreamgen.planner import Planner
-    from dreamgen.scenario import response_format
-    from dreamgen.validate import Rejected, validate
+    from dreamgen.engines.ray_executor import worker_config
 
-    config = Config(
-        engine="embedded",
-        embedded_parallel=2,
-        executor={"kind": "ray", "ray_address": cluster, "workers": 1},
-    )
-    planner = Planner(CardSet.load(config.prompts), config.plan, target=10)
-    requests = [planner.next() for _ in range(2)]
-
-    async def ask() -> list[tuple[str, str, int]]:
-        async with open_engine(config) as (engine, _limit):
-            assert engine.name == "embedded" and engine.model == "SmolLM2-135M-Instruct"
-            done = await asyncio.gather(*(
-                engine.chat(r.messages,
-                            response_format=response_format(r.schema_name, engine.schema_dialect),
-                            sampling=config.sampling.body(r.index))
-                for r in requests
-            ))  # fmt: skip
-        return [(c.content, c.finish_reason, c.completion_tokens) for c in done]
-
-    try:
-        answers = asyncio.run(ask())
-    finally:
-        ray.shutdown()
-    for request, (content, finish, tokens) in zip(requests, answers, strict=True):
-        assert tokens > 0 and content.strip(), (finish, content[:200])
-        try:
-            record = validate(content, request, model="SmolLM2-135M-Instruct", engine="embedded",
-                              finish_reason=finish)  # fmt: skip
-        except Rejected as exc:
-            assert exc.reason, content[:200]  # a named, counted rejection
-        else:
-            for sp in record.cues + record.distractors:
-                assert record.content_of(sp.message)[sp.start : sp.end] == sp.text
+    config = Config(engine="embedded", executor={"kind": "ray", "worker_cpus": 2})
+    assert worker_config(config, 0).embedded_threads == 2
+    assert worker_config(config, 0).executor.kind == "local"
+    pinned = config.model_copy(update={"embedded_threads": 1})
+    assert worker_config(pinned, 1).embedded_threads == 1  # a set value is kept
+    local = Config(engine="embedded")
+    assert local.embedded_threads is None  # outside Ray: llama.cpp's default, every core

@@ -38,11 +38,13 @@ class EmbeddedServer:
         parallel: int = 4,
         ctx_per_slot: int = 4096,
         port: int = 0,
+        threads: int | None = None,
     ):
         self.model_path = model_path or smollm2_path()
         self.parallel = parallel
         self.port = port
         self.ctx_per_slot = ctx_per_slot
+        self.threads = threads  # None: llama.cpp's default (every core)
         self._server: Any = None
         self.url = ""
 
@@ -61,6 +63,10 @@ class EmbeddedServer:
         # other (measured ~0.3 vs ~7 decode steps/s with several servers on 2 cores).
         params.cpuparams.poll = 0
         params.cpuparams_batch.poll = 0
+        if self.threads is not None:
+            # Several servers on one machine (Ray workers): more threads than cores makes
+            # llama.cpp's per-op barriers wait on descheduled threads.
+            params.cpuparams.n_threads = params.cpuparams_batch.n_threads = self.threads
         params.endpoint_metrics = True
         self._server = xllamacpp.Server(params)
         self.url = str(self._server.listening_address).rstrip("/")

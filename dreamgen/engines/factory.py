@@ -58,7 +58,7 @@ async def _open_offline(
 async def _open_embedded(
     config: Config, wait: bool, on_engine: OnEngine
 ) -> AsyncIterator[tuple[Engine, int]]:
-    server = EmbeddedServer(parallel=config.embedded_parallel)
+    server = EmbeddedServer(parallel=config.embedded_parallel, threads=config.embedded_threads)
     serving = config.serving
     try:
         await asyncio.to_thread(server.start)

@@ -3,16 +3,17 @@
 A vLLM server's ``/metrics`` is Prometheus text with ``vllm:num_requests_running``,
 ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``; llama.cpp's server (the
 embedded engine) has its own names, which are read too. Each server gets an
-``AdaptiveLimiter`` (AIMD, tuned by the config's ``[adapt]``: additive increase while the
-server's queue stays short, multiplicative decrease when requests wait, the KV cache is
-full and requests are preempted, or 429/503 come back), and the pipeline's in-flight
-window is a ``Gate`` whose limit is a function: the sum of the healthy servers' limits.
+``AdaptiveLimiter`` (tuned by the config's ``[adapt]``: it holds the server at its running
+count plus a short queue, grows while nothing waits, shrinks on preemptions and 429/503),
+and the pipeline's in-flight window is a ``Gate`` whose limit is a function: the sum of
+the healthy servers' limits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,24 +78,27 @@ def parse_metrics(text: str) -> ServerLoad | None:
 
 
 class AdaptiveLimiter:
-    """AIMD limit on the requests in flight to one server.
+    """The limit on requests in flight to one server, following its ``/metrics``.
 
-    On each ``/metrics`` scrape (``on_load``):
+    The aim is a server whose slots never idle and whose queue stays short: a few requests
+    waiting, so a slot that frees is refilled at once, and no more (a long queue only adds
+    latency and hides a dead server's backlog). On each scrape (``on_load``):
 
-    - *decrease* (``limit *= decrease``) when more than ``max_waiting`` requests wait in the
-      server's queue, or the KV cache is at ``max_kv_usage`` while requests wait or get
-      preempted;
-    - *increase* (``limit += increase``) when the queue is short, the KV cache has room and
-      the limit is in use (in flight at 80% of it or more): a limit nobody uses proves
-      nothing;
+    - *requests wait* (the server is saturated; its running count is its slot count):
+      the limit becomes running + a short queue (``min_waiting``, or ``headroom`` of the
+      running count if more) — down when too many wait, up when too few;
+    - *preemptions* (vLLM evicted running requests: the KV cache is over-committed): the
+      limit shrinks by ``decrease``, never below the running count;
+    - *nothing waits, the limit is in use and the KV cache has room* (slots may idle):
+      it grows by ``growth`` of itself (at least ``increase``), so it finds a server's slot
+      count in a few scrapes whether that is 16 or 1024, and again if the count changes;
     - otherwise hold.
 
-    429/503 answers decrease too (``on_overload``). A decrease takes effect only as requests
-    finish (tens of seconds for long generations), so after one the limiter waits until
-    in-flight has come down to the new limit, or ``cooldown_s``, before decreasing again —
-    otherwise one congestion episode would collapse the limit to its floor
-    (``min_concurrency``). The knobs are the config's ``AdaptConfig``; its ``start`` is the
-    caller's to pass as ``limit``. With ``adaptive=False`` the limit is fixed.
+    429/503 answers shrink it by ``decrease`` too (``on_overload``), at most once per
+    ``cooldown_s`` while in-flight is still above the last cut (a cut takes effect only as
+    requests finish). The limit stays within [``min_concurrency``, ``max_limit``]; the
+    knobs are the config's ``AdaptConfig``; its ``start`` is the caller's to pass as
+    ``limit``. With ``adaptive=False`` the limit is fixed.
     """
 
     def __init__(
@@ -121,24 +125,30 @@ class AdaptiveLimiter:
         self.min_limit = max(1, min(self.settings.min_concurrency, self.max_limit))
         self.limit = self.max_limit if not self.adaptive else min(self.limit, self.max_limit)
 
-    def _decrease(self, why: str, now: float) -> bool:
-        recent = now - self._last_decrease < self.settings.cooldown_s
-        if recent and self.inflight > self.limit:
-            return False  # the last decrease has not taken effect yet
-        new = max(self.min_limit, int(self.limit * self.settings.decrease))
-        self._last_decrease = now
+    def _set(self, limit: int, why: str) -> str | None:
+        new = max(self.min_limit, min(limit, self.max_limit))
         if new == self.limit:
-            return False
+            return None
+        change = "increase" if new > self.limit else "decrease"
         log.debug("concurrency %d -> %d (%s)", self.limit, new, why)
         self.limit = new
-        self.decreases += 1
-        return True
+        if change == "decrease":
+            self.decreases += 1
+        return change
+
+    def _cut(self, why: str, now: float, floor: int = 0) -> str | None:
+        recent = now - self._last_decrease < self.settings.cooldown_s
+        if recent and self.inflight > self.limit:
+            return None  # the last cut has not taken effect yet
+        self._last_decrease = now
+        return self._set(max(floor, int(self.limit * self.settings.decrease)), why)
 
     def on_overload(self, now: float | None = None) -> bool:
         """A 429/503: the server is shedding load."""
         if not self.adaptive:
             return False
-        return self._decrease("server overloaded", time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        return self._cut("server overloaded", now) is not None
 
     def on_load(self, load: ServerLoad, now: float | None = None) -> str | None:
         """Adjust to one scrape; returns "increase", "decrease" or None."""
@@ -150,13 +160,17 @@ class AdaptiveLimiter:
         if load.preemptions is not None:
             last, self._last_preemptions = self._last_preemptions, load.preemptions
             preempted = last is not None and load.preemptions > last
+        running = int(load.running)
+        if preempted:
+            return self._cut("preemptions", now, floor=running)
+        if load.waiting > 0:
+            queue = max(s.min_waiting, math.ceil(s.headroom * running))
+            return self._set(running + queue, "saturated: running plus a short queue")
         kv_full = load.kv_usage is not None and load.kv_usage >= s.max_kv_usage
-        if load.waiting > s.max_waiting or (kv_full and (load.waiting > 0 or preempted)):
-            return "decrease" if self._decrease("requests waiting", now) else None
         in_use = self.inflight > 0 and self.inflight >= 0.8 * self.limit
-        if not kv_full and in_use and self.limit < self.max_limit:
-            self.limit = min(self.max_limit, self.limit + s.increase)
-            return "increase"
+        if in_use and not kv_full:
+            step = max(s.increase, math.ceil(s.growth * self.limit))
+            return self._set(self.limit + step, "nothing waits")
         return None
 
 

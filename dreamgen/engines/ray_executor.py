@@ -43,11 +43,16 @@ def import_ray() -> Any:
 
 
 def worker_config(config: Config, index: int) -> Config:
-    """The config one worker opens its engine with: a local engine (no executor), and for a
-    server engine one replica URL per worker (round-robin when there are fewer)."""
-    update: dict[str, Any] = {"executor": config.executor.model_copy(update={"kind": "local"})}
+    """The config one worker opens its engine with: a local engine (no executor); for a
+    server engine one replica URL per worker (round-robin when there are fewer); for the
+    embedded engine as many llama.cpp threads as the worker reserves CPUs, so several
+    workers on one node share its cores instead of each taking all of them."""
+    ex = config.executor
+    update: dict[str, Any] = {"executor": ex.model_copy(update={"kind": "local"})}
     if config.engine == "openai" and config.servers:
         update["servers"] = [config.servers[index % len(config.servers)]]
+    if config.engine == "embedded" and config.embedded_threads is None:
+        update["embedded_threads"] = max(1, round(ex.worker_cpus))
     return config.model_copy(update=update)
 
 
