@@ -135,7 +135,7 @@ class AdaptConfig(_Section):
     """Tuning for ``adaptive = true`` (limits are per server); see ``AdaptiveLimiter``."""
 
     min_concurrency: Annotated[int, Field(ge=1, le=BIG)] = Field(8, description="limit floor")
-    start: POSITIVE | None = Field(None, description="default: concurrency")
+    start: POSITIVE | None = Field(None, description="default: concurrency, at most 256")
     min_waiting: Annotated[int, Field(ge=1, le=BIG)] = Field(
         4, description="requests kept queued at a saturated server, at least"
     )
@@ -252,8 +252,10 @@ class Config(_Section):
     servers: list[str] = Field([], description="OpenAI-compatible base URLs (replicas)")
     model: str | None = Field(None, description="served model name; embedded: SmolLM2")
     api_key_env: str = Field("DREAMGEN_API_KEY", description="env var holding the API key")
-    concurrency: Annotated[int, Field(ge=1, le=BIG)] = 256
-    adaptive: bool = Field(False, description="adapt concurrency to vLLM's /metrics")
+    concurrency: Annotated[int, Field(ge=1, le=BIG)] = Field(
+        1024, description="requests in flight per server: the ceiling with adaptive"
+    )
+    adaptive: bool = Field(True, description="adapt concurrency to vLLM's /metrics")
     embedded_parallel: Annotated[int, Field(ge=1, le=1024)] = 4
     embedded_threads: Annotated[int, Field(ge=1, le=1024)] | None = Field(
         None, description="llama.cpp threads (unset: every core; a Ray worker: its worker_cpus)"

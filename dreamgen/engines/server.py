@@ -50,6 +50,10 @@ from dreamgen.logs import event
 from dreamgen.scenario import Dialect
 
 # The log name predates this package; log queries match on it.
+# Where an adaptive limit starts unless [adapt] start says: a full batch for most vLLM
+# servers (max_num_seqs 256); it grows from there in a few scrapes where there are more.
+ADAPTIVE_START = 256
+
 log = logging.getLogger("dreamgen.vllm")
 
 
@@ -137,7 +141,10 @@ class ServerEngine(Engine):
                     max_response_bytes=max_response_bytes,
                 ),
                 limiter=AdaptiveLimiter(
-                    adapt.start or ceiling, max_limit=ceiling, adaptive=adaptive, settings=adapt
+                    adapt.start or (min(ceiling, ADAPTIVE_START) if adaptive else ceiling),
+                    max_limit=ceiling,
+                    adaptive=adaptive,
+                    settings=adapt,
                 ),
             )
             for url in servers
