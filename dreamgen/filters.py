@@ -44,6 +44,27 @@ STOP = frozenset([
 # fmt: on
 MIN_CHARS = 12
 
+# Substrings that every match of a pattern below contains (checked by hand against each
+# alternative). ``in`` runs in C at memory speed, so a clean text, the common case, skips
+# the regex scan (25-50 µs per record each); a text holding one runs the pattern as before.
+BOILERPLATE_NEEDLES = (
+    "as an ai", "as a language model", "m just an ai", "assist", "m sorry, but i",
+)  # fmt: skip
+PLACEHOLDER_NEEDLES = ("<", "[", "{{", "}}", "lorem ipsum")
+ECHO_NEEDLES = (
+    "_",  # every snake_case label, extra_cues/extra_distractors, decision_turn, idea_turn
+    "the user", "the assistant", "decision turn", "idea turn", "listening r", "reflex r",
+    "field guide", "format example",
+)  # fmt: skip
+
+
+def _search(pattern: re.Pattern[str], needles: tuple[str, ...], text: str) -> re.Match[str] | None:
+    """``pattern.search(text)``, skipped when ``text`` holds none of the pattern's needles."""
+    if any(n in text for n in needles):
+        return pattern.search(text)
+    return None
+
+
 # Placeholder text instead of content: "<the user's first message>", "[insert name]",
 # template braces, lorem ipsum, a bare ellipsis.
 PLACEHOLDER = re.compile(
@@ -111,10 +132,10 @@ def check_echo(texts: list[str], words: list[list[str]] | None = None) -> None:
     n = ECHO_NGRAM
     # One regex pass over all texts (lowercased) rather than one per text per pattern.
     joined = "\n".join(texts).lower()
-    hit = PLACEHOLDER.search(joined)
+    hit = _search(PLACEHOLDER, PLACEHOLDER_NEEDLES, joined)
     if hit:
         raise Rejected(Reason.placeholder, f"placeholder text {hit.group(0)[:40]!r}")
-    hit = ECHO.search(joined)
+    hit = _search(ECHO, ECHO_NEEDLES, joined)
     if hit:
         raise Rejected(Reason.echoed_prompt, f"prompt vocabulary {hit.group(0)!r} in a message")
     for text, ws in zip(texts, words, strict=True):
@@ -124,11 +145,11 @@ def check_echo(texts: list[str], words: list[list[str]] | None = None) -> None:
             raise Rejected(
                 Reason.echoed_prompt, f"a message is only the prompt label {text.strip()!r}"
             )
-        # Membership per position, not a set of this text's n-grams: the hot path.
-        for i in range(len(ws) - n + 1):
-            gram = tuple(ws[i : i + n])
-            if gram in grams:
-                raise Rejected(Reason.echoed_prompt, f"copies the instructions: {' '.join(gram)!r}")
+        # The n-gram tuples are made by zip and tested by isdisjoint, both in C: the hot
+        # path. Only a text that does copy is walked again, for the message.
+        if not grams.isdisjoint(zip(*(ws[k:] for k in range(n)), strict=False)):
+            gram = next(g for g in zip(*(ws[k:] for k in range(n)), strict=False) if g in grams)
+            raise Rejected(Reason.echoed_prompt, f"copies the instructions: {' '.join(gram)!r}")
 
 
 def _content_words(text: str) -> set[str]:
@@ -156,7 +177,7 @@ def check(record: Record) -> None:
         if len(msg.content.strip()) < MIN_CHARS:
             raise Rejected(Reason.too_short, f"a response is under {MIN_CHARS} characters")
     texts = [m.content for m in record.messages] + [record.target.content, record.contrast.content]
-    hit = BOILERPLATE.search("\n".join(texts).lower())
+    hit = _search(BOILERPLATE, BOILERPLATE_NEEDLES, "\n".join(texts).lower())
     if hit:
         raise Rejected(Reason.boilerplate, f"contains {hit.group(0)!r}")
     words = [WORD.findall(t.lower()) for t in texts]

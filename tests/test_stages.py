@@ -6,6 +6,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dreamgen import evolution, filters, planner, stages
 from dreamgen.cards import CardSet
@@ -82,3 +84,35 @@ def test_prompt_fingerprint_covers_prompt_text_held_in_code(
     monkeypatch.undo()
     monkeypatch.setitem(evolution.OPERATORS, "subtler_cue", "changed")
     assert planner.prompt_fingerprint(cards) != before
+
+
+# Texts each rule pattern matches (one per alternative), and near misses.
+_PATTERN_SAMPLES = [
+    "as an ai, i", "as a language model", "i'm just an ai", "im just an ai", "i cannot assist",
+    "i can't assist", "i'm sorry, but i", "<the user's first message>", "[insert name here]",
+    "[your project]", "{{ card }}", "}}", "lorem ipsum", "the user's first message",
+    "the assistant's next reply", "decision turn", "decision_turn", "idea_turn", "idea turn",
+    "extra_cues", "listening reply", "reflex response", "field guide", "format example",
+    "scope_creep", "prior_decision", "as a", "assistant", "the users", "decision", "<b>", "[x]",
+    "sorry, but", "a language", "lorem", "field", "user_", "_",
+]  # fmt: skip
+
+
+@given(
+    before=st.text(alphabet="abc _<[{}'.,\n", max_size=30),
+    sample=st.sampled_from(_PATTERN_SAMPLES),
+    after=st.text(alphabet="abc _>]}'.,\n", max_size=30),
+)
+def test_the_rule_filters_skip_a_regex_only_when_it_cannot_match(
+    before: str, sample: str, after: str
+) -> None:
+    """The substring prefilter in front of each pattern never hides a match."""
+    text = (before + sample + after).lower()
+    for pattern, needles in (
+        (filters.BOILERPLATE, filters.BOILERPLATE_NEEDLES),
+        (filters.PLACEHOLDER, filters.PLACEHOLDER_NEEDLES),
+        (filters.ECHO, filters.ECHO_NEEDLES),
+    ):
+        expected = pattern.search(text)
+        got = filters._search(pattern, needles, text)
+        assert (got and got.group(0)) == (expected and expected.group(0))
