@@ -84,6 +84,7 @@ class CardSet:
         self.extra = list(extra)  # folders of more cards; templates come from ``root`` only
         self.by_id = {c.id: c for c in cards}
         self.env = make_env(root / "templates")
+        self._systems: dict[str, str] = {}  # system_prompt's renders, by example id
         # Compile now what was just linted, so later edits on disk cannot reach this set.
         for name in sorted({c.template for c in cards} | set(TEMPLATE_CONTEXTS)):
             if cards and (root / "templates" / name).is_file():
@@ -115,6 +116,21 @@ class CardSet:
         """The same pool keyed ``CARD#INDEX``, in the same order: a request names the one
         it showed (``Request.example``)."""
         return {f"{c.id}#{i}": ex for c in self.cards for i, ex in enumerate(c.examples)}
+
+    @cached_property
+    def example_ids(self) -> list[str]:
+        """``examples_by_id``'s keys, in order: the rotation of the system prompt's example."""
+        return list(self.examples_by_id)
+
+    def system_prompt(self, example_id: str) -> str:
+        """The system prompt showing worked example ``example_id`` ("": none). Rendered once
+        per example: every request that shows it gets the same bytes (vLLM's prefix cache
+        relies on that), so a render per request would only cost time."""
+        hit = self._systems.get(example_id)
+        if hit is None:
+            shown = example_json(self.examples_by_id[example_id]) if example_id else "(none)"
+            hit = self._systems[example_id] = self.render("system.j2", example=shown)
+        return hit
 
     @cached_property
     def fingerprint(self) -> str:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import orjson
 
 from dreamgen import evolution
-from dreamgen.cards import Card, CardSet, example_json
+from dreamgen.cards import Card, CardSet
 from dreamgen.config import PlanConfig
 from dreamgen.pairs import CONTRADICTIONS
 from dreamgen.record import Axes, Record
@@ -226,8 +226,9 @@ class Planner:
                     easiest = min(c[2] for c in rest)
                     open_cells = [c for c in rest if c[2] == easiest]
             cells = open_cells or allowed
-        best = min(load(c) for c in cells)
-        return self.rng.choice([c for c in cells if load(c) == best])
+        loads = {c: load(c) for c in cells}
+        best = min(loads.values())
+        return self.rng.choice([c for c, x in loads.items() if x == best])
 
     # -- outcomes ---------------------------------------------------------------------
 
@@ -395,11 +396,9 @@ class Planner:
 
     def _system(self) -> tuple[str, str]:
         """The system prompt and the id of the worked example it shows ("" if none)."""
-        pool = list(self.cards.examples_by_id.items())
-        if not pool:
-            return self.cards.render("system.j2", example="(none)"), ""
-        example_id, example = pool[self.index % len(pool)]
-        return self.cards.render("system.j2", example=example_json(example)), example_id
+        ids = self.cards.example_ids
+        example_id = ids[self.index % len(ids)] if ids else ""
+        return self.cards.system_prompt(example_id), example_id
 
     def _request(self, card: str, user: str, **fields: object) -> Request:
         system, example_id = self._system()
