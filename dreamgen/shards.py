@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dreamgen.diskio import StoreError, atomic_write, fsync_dir
 from dreamgen.errors import first_error
+from dreamgen.idset import IdSet
 from dreamgen.record import Record
 
 SHARDS = "shards"
@@ -142,9 +143,7 @@ def stray_files(out: Path) -> list[Path]:
     )
 
 
-def read_closed(
-    path: Path, listed: ShardInfo | None, known: set[str]
-) -> tuple[ShardInfo, list[str]]:
+def read_closed(path: Path, listed: ShardInfo | None, known: IdSet) -> tuple[ShardInfo, list[str]]:
     """Verify one closed shard; its ShardInfo and its ids, or ShardProblem.
 
     A shard the manifest lists must match its checksum (and so its size and count)
@@ -192,7 +191,7 @@ def read_closed(
     return info, ids
 
 
-def trim_open(path: Path, good: list[bytes], dropped: int, known: set[str]) -> tuple[bytes, int]:
+def trim_open(path: Path, good: list[bytes], dropped: int, known: IdSet) -> tuple[bytes, int]:
     """Cut a recovered open shard down to its good lines; adds their ids to ``known``.
 
     Returns the shard's bytes and record count; a shard left empty is removed.

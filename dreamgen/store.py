@@ -54,6 +54,7 @@ from dreamgen.diskio import (
     remove_stale_temps,
 )
 from dreamgen.errors import first_error
+from dreamgen.idset import IdSet
 from dreamgen.manifest import MANIFEST, check_compatible, read_manifest
 from dreamgen.record import SCHEMA_VERSION, Record
 from dreamgen.shards import (
@@ -104,7 +105,7 @@ class Store:
         self.target = target
         self.repair = repair
         self.closed: list[ShardInfo] = []
-        self.ids: set[str] = set()
+        self.ids = IdSet()  # every durable id: compact, since stores reach millions
         self.pending: dict[str, bytes] = {}
         self.pending_records: list[Record] = []
         self.open_path = self.shards_dir / (shard_name(0) + OPEN_SUFFIX)
