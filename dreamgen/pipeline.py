@@ -21,11 +21,12 @@ from dreamgen.copies import CopyIndex
 from dreamgen.dedup import Dedup, conversation_text, exact_key, load_heldout
 from dreamgen.diskio import disk_error
 from dreamgen.engines import Completion, Engine, EngineError, Gate, open_engine, wait_event
+from dreamgen.fingerprint import prompt_fingerprint
 from dreamgen.judge import Judge
 from dreamgen.judge import Reason as JudgeReason
 from dreamgen.judge_setup import open_judge
 from dreamgen.judge_setup import resolve as resolve_judge
-from dreamgen.planner import Planner, prompt_fingerprint
+from dreamgen.planner import Planner
 from dreamgen.record import Record
 from dreamgen.rejects import RejectSample
 from dreamgen.request import Request

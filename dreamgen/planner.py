@@ -27,11 +27,9 @@ import orjson
 from dreamgen import evolution
 from dreamgen.cards import Card, CardSet
 from dreamgen.config import PlanConfig
-from dreamgen.pairs import CONTRADICTIONS
 from dreamgen.record import Axes, Record
 from dreamgen.request import Cell, Request
 from dreamgen.taxonomy import (
-    DESCRIPTIONS,
     DIFFICULTY,
     CueKind,
     DistractorKind,
@@ -39,7 +37,6 @@ from dreamgen.taxonomy import (
     Emotion,
     Momentum,
     Stakes,
-    all_values,
 )
 
 # The bucket undirected records fill; kept in the same counters as the cells so that a
@@ -47,22 +44,6 @@ from dreamgen.taxonomy import (
 UNDIRECTED: Cell = ("undirected", "*", 0)
 # Stakes values with a quota of their own (direction vs correctness); "none" is the rest.
 STAKES: tuple[str, ...] = tuple(s.value for s in Stakes if s != Stakes.none)
-
-
-def prompt_fingerprint(cards: CardSet) -> str:
-    """A hash of every text that shapes what the model is asked: the card library (files)
-    and the prompt text held in code (taxonomy values and descriptions, difficulty levels,
-    evolution operators, minimal-pair contradictions). An output folder built under other
-    texts is a different dataset, so the store refuses to resume into it."""
-    texts = {
-        "cards": cards.fingerprint,
-        "taxonomy": all_values(),
-        "descriptions": DESCRIPTIONS,
-        "difficulty": {str(k): v for k, v in DIFFICULTY.items()},
-        "operators": evolution.OPERATORS,
-        "contradictions": list(CONTRADICTIONS),
-    }
-    return hashlib.sha256(orjson.dumps(texts, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
 def cell_of(record: Record) -> Cell:
@@ -137,8 +118,28 @@ class Planner:
         raw = {c: n * w / total for c, w in weights.items()}
         quota = {c: float(int(v)) for c, v in raw.items()}
         short = n - int(sum(quota.values()))
-        for c in sorted(raw, key=lambda c: (-(raw[c] - quota[c]), c))[:short]:
-            quota[c] += 1
+        # The units left go to the largest remainders. Ties (common: equal weights, so equal
+        # remainders) go to the cell whose cue kind, then distractor kind, then difficulty
+        # has the fewest so far, so a small target spreads over the axes instead of filling
+        # the alphabetically first cue kind (a 20-record demo once got only `constraint`).
+        given: Counter[tuple[int, object]] = Counter()
+        for c, q in quota.items():
+            for axis, value in enumerate(c):
+                given[axis, value] += int(q)
+        left = set(raw)
+        for _ in range(short):
+            best = min(
+                left,
+                key=lambda c: (
+                    -round(raw[c] - quota[c], 9),
+                    *(given[axis, value] for axis, value in enumerate(c)),
+                    c,
+                ),
+            )
+            left.discard(best)
+            quota[best] += 1
+            for axis, value in enumerate(best):
+                given[axis, value] += 1
         return quota
 
     def stakes_quota(self) -> dict[str, int] | None:
@@ -155,6 +156,17 @@ class Planner:
         for i in range(n if allowed else 0):
             quota[allowed[i % len(allowed)]] += 1
         return quota
+
+    def _stakes_open(self, value: str) -> bool:
+        """Whether the target still has room for a record of stakes ``value``."""
+        quota = self.stakes_quota()
+        if quota is None:
+            return True
+        load = self.stakes_filled[value] + self.stakes_inflight[value]
+        if value == Stakes.none.value:
+            directed = (self.target or 0) - (self.undirected_quota or 0)
+            return load < directed - sum(quota.values())
+        return load < quota.get(value, 0)
 
     def _pick_stakes(self, cell: Cell) -> str:
         """The stakes value for a directed request in ``cell``: a closed loop like the
@@ -444,7 +456,11 @@ class Planner:
         # Prefer parents that share the cell's distractor and sit at or below its difficulty,
         # so the child is a genuine step toward this cell rather than a random rewrite.
         close = [p for p in parents if p.axes.distractor_kind == dis and p.difficulty <= d]
-        parent = self.rng.choice(close or parents)
+        close = close or parents
+        # The child keeps its parent's stakes (below): a parent whose stakes side is full
+        # would overfill it, so pick among those with room while there are any.
+        fits = [p for p in close if self._stakes_open(p.axes.stakes)]
+        parent = self.rng.choice(fits or close)
         card = self.cards.by_id.get(parent.provenance.card) or self._card_for(cell)
         op, domain = evolution.pick(self.rng, parent, cell)
         # The child keeps its parent's stakes: the parent's text carries the problem.

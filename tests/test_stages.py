@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dreamgen import evolution, filters, planner, stages
+from dreamgen import evolution, filters, fingerprint, stages
 from dreamgen.cards import CardSet
 from dreamgen.config import Config, CopyConfig, PlanConfig
 from dreamgen.copies import CopyIndex
@@ -78,12 +78,12 @@ def test_the_echo_filter_covers_every_snake_case_taxonomy_value() -> None:
 def test_prompt_fingerprint_covers_prompt_text_held_in_code(
     cards: CardSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    before = planner.prompt_fingerprint(cards)
-    monkeypatch.setitem(planner.DESCRIPTIONS, "tangent", "a different description")
-    assert planner.prompt_fingerprint(cards) != before
+    before = fingerprint.prompt_fingerprint(cards)
+    monkeypatch.setitem(fingerprint.DESCRIPTIONS, "tangent", "a different description")
+    assert fingerprint.prompt_fingerprint(cards) != before
     monkeypatch.undo()
     monkeypatch.setitem(evolution.OPERATORS, "subtler_cue", "changed")
-    assert planner.prompt_fingerprint(cards) != before
+    assert fingerprint.prompt_fingerprint(cards) != before
 
 
 # Texts each rule pattern matches (one per alternative), and near misses.
