@@ -41,7 +41,6 @@ from dreamgen.scenario import Scenario
 
 Gram = tuple[str, ...]
 Grams = frozenset[Gram]
-EMPTY: Grams = frozenset()
 
 
 class Reason(StrEnum):
@@ -119,19 +118,13 @@ class CopyIndex:
     def __init__(self, cards: CardSet, config: CopyConfig) -> None:
         self.config = config
         n = config.ngram
-        self.instructions = ngrams(instruction_texts(cards), n)
-        self.examples = {
-            eid: ngrams(example_texts(ex), n) for eid, ex in cards.examples_by_id.items()
-        }
-        self.situations = {c.id: ngrams(situation_texts(c), n) for c in cards.cards}
-        table: dict[Gram, int] = dict.fromkeys(self.instructions, 1)
+        examples = {eid: ngrams(example_texts(ex), n) for eid, ex in cards.examples_by_id.items()}
+        situations = {c.id: ngrams(situation_texts(c), n) for c in cards.cards}
+        table: dict[Gram, int] = dict.fromkeys(ngrams(instruction_texts(cards), n), 1)
         self._example_bits: dict[str, int] = {}
         self._card_bits: dict[str, int] = {}
         bit = 2
-        for bits, sources in (
-            (self._example_bits, self.examples),
-            (self._card_bits, self.situations),
-        ):
+        for bits, sources in ((self._example_bits, examples), (self._card_bits, situations)):
             for key, grams in sources.items():
                 bits[key] = bit
                 for g in grams:
@@ -200,13 +193,11 @@ class CopyIndex:
             if part == "conversation"
             else [record.target.content, record.contrast.content]
         )
-        grams = list(self._grams(self._words(texts)[0]))
-        candidates: list[tuple[str, Grams]] = [("the instructions", self.instructions)]
+        shown, own = self.masks(request)
+        found = [m for m in map(self._table.get, self._grams(self._words(texts)[0])) if m]
+        candidates = [("the instructions", 1)]
         if request.example:
-            example = self.examples.get(request.example)
-            if example is None:
-                example = frozenset().union(*self.examples.values())
-            candidates.append((f"the worked example {request.example}", example))
-        if request.card in self.situations:
-            candidates.append((f"card {request.card}'s situation", self.situations[request.card]))
-        return max(candidates, key=lambda c: sum(map(c[1].__contains__, grams)))[0]
+            candidates.append((f"the worked example {request.example}", shown & ~1))
+        if own:
+            candidates.append((f"card {request.card}'s situation", own))
+        return max(candidates, key=lambda c: sum(1 for m in found if m & c[1]))[0]

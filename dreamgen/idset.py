@@ -42,8 +42,9 @@ class IdSet:
         if not isinstance(record_id, str):
             return False
         key = _key(record_id)
-        if key is None:
-            return record_id in self._other
+        return record_id in self._other if key is None else self._has(key)
+
+    def _has(self, key: bytes) -> bool:
         if key in self._recent:
             return True
         i = int(np.searchsorted(self._sorted, key))
@@ -54,7 +55,7 @@ class IdSet:
         key = _key(record_id)
         if key is None:
             self._other.add(record_id)
-        elif record_id not in self:
+        elif not self._has(key):
             self._recent.add(key)
             if len(self._recent) >= MERGE_AT:
                 self._merge()

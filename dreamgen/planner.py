@@ -157,9 +157,9 @@ class Planner:
             quota[allowed[i % len(allowed)]] += 1
         return quota
 
-    def _stakes_open(self, value: str) -> bool:
-        """Whether the target still has room for a record of stakes ``value``."""
-        quota = self.stakes_quota()
+    def _stakes_open(self, value: str, quota: dict[str, int] | None) -> bool:
+        """Whether the target still has room for a record of stakes ``value`` (``quota``:
+        ``stakes_quota()``)."""
         if quota is None:
             return True
         load = self.stakes_filled[value] + self.stakes_inflight[value]
@@ -187,13 +187,10 @@ class Planner:
             values = sorted(servable)
             return self.stakes_rng.choice(values) if values and roll < share else Stakes.none.value
         load = {v: self.stakes_filled[v] + self.stakes_inflight[v] for v in STAKES}
-        open_values = sorted(v for v in servable if load[v] < quota[v])
+        open_values = sorted(v for v in servable if self._stakes_open(v, quota))
         if not open_values:
             return Stakes.none.value
-        directed = (self.target or 0) - (self.undirected_quota or 0)
-        load_none = self.stakes_filled["none"] + self.stakes_inflight["none"]
-        none_open = load_none < directed - sum(quota.values())
-        if roll < share or not none_open:
+        if roll < share or not self._stakes_open(Stakes.none.value, quota):
             least = min(load[v] for v in open_values)
             return self.stakes_rng.choice([v for v in open_values if load[v] == least])
         return Stakes.none.value
@@ -459,7 +456,9 @@ class Planner:
         close = close or parents
         # The child keeps its parent's stakes (below): a parent whose stakes side is full
         # would overfill it, so pick among those with room while there are any.
-        fits = [p for p in close if self._stakes_open(p.axes.stakes)]
+        quota = self.stakes_quota()
+        room = {v.value for v in Stakes if self._stakes_open(v.value, quota)}
+        fits = [p for p in close if p.axes.stakes in room]
         parent = self.rng.choice(fits or close)
         card = self.cards.by_id.get(parent.provenance.card) or self._card_for(cell)
         op, domain = evolution.pick(self.rng, parent, cell)
