@@ -246,10 +246,13 @@ async def test_adaptive_concurrency_increases_while_nothing_waits() -> None:
         stop = asyncio.Event()
         driver = asyncio.create_task(drive(e, stop))
         await until(lambda: e.limit >= 24, timeout=20)
+        # Never more in flight than the server has slots, so nothing queues for want of one.
+        # (The sim's "waiting" read at the end is no measure of that: a request that arrived
+        # between two engine steps is not admitted yet; a CI run once read 1 there.)
+        assert e.limit <= roomy.slots
         stop.set()
         await driver
         assert e.replicas[0].limiter.decreases == 0
-        assert sim.stats()["waiting"] == 0
 
 
 async def test_adaptive_concurrency_follows_a_slot_count_that_changes() -> None:
